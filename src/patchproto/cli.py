@@ -63,6 +63,13 @@ def _register() -> None:
     from patchproto import detect
 
     app.command("detect")(detect.detect_command)
+    from patchproto import evaluate_cli, sweep
+
+    app.command("evaluate")(evaluate_cli.evaluate_command)
+    app.command("sweep")(sweep.sweep_command)
+    from patchproto import service
+
+    app.command("serve")(service.serve_command)
 
 
 _register()
