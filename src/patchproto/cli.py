@@ -63,6 +63,13 @@ def _register() -> None:
     from patchproto import detect
 
     app.command("detect")(detect.detect_command)
+    from patchproto import product_cli
+
+    app.command("fit")(product_cli.fit_command)
+    app.command("classify")(product_cli.classify_command)
+    app.command("add-example")(product_cli.add_example_command)
+    app.command("remove-example")(product_cli.remove_example_command)
+    app.command("demo")(product_cli.demo_command)
     from patchproto import evaluate_cli, sweep
 
     app.command("evaluate")(evaluate_cli.evaluate_command)

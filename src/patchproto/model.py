@@ -346,6 +346,29 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(stream.fileno())
 
 
+def check_save_target(folder: str | Path) -> Path:
+    """Check that a model may be saved to ``folder``; returns it as an absolute path.
+
+    A missing folder, an empty one or an existing model folder may be written; anything else is
+    refused, so that a mistyped ``--out`` never replaces a folder of images.
+
+    Raises:
+        ModelError: ``folder`` is a file, or a non-empty folder without a ``model.json``.
+    """
+    target = Path(folder).absolute()
+    if target.exists():
+        if not target.is_dir():
+            msg = f"{target}: exists and is a file, not a model folder. Choose another path"
+            raise ModelError(msg)
+        if not (target / MODEL_FILE).is_file() and any(target.iterdir()):
+            msg = (
+                f"{target}: this folder is not empty and holds no {MODEL_FILE}, so it is not "
+                "a PatchProto model; refusing to replace it. Choose a new or empty folder"
+            )
+            raise ModelError(msg)
+    return target
+
+
 def backup_path(folder: str | Path) -> Path:
     """Where a save parks the previous model folder during the swap."""
     folder = Path(folder)
@@ -437,8 +460,9 @@ class DefectModel:
             cache_dir: Feature cache folder (``None``: no cache).
             on_image: Called with the number of images embedded since the last call.
             on_step: Called with the number of coreset centers added since the last call.
-            on_stage: Called with ``(stage, total)`` as each stage starts: ``"embed"`` (images),
-                ``"coreset"`` (centers).
+            on_stage: Called with ``(stage, total)`` as each stage starts: ``"normal"`` (bank
+                images), ``"coreset"`` (centers), ``"examples"`` (held-back normal images and
+                defect examples).
             pretrained: ``False`` uses random backbone weights (tests only).
 
         Raises:
@@ -473,7 +497,7 @@ class DefectModel:
         embedder = PatchEmbedder(net, image_size=image_size, dim=dim)
         cache = FeatureCache(embedder, Path(cache_dir) if cache_dir is not None else None)
         if on_stage is not None:
-            on_stage("embed", len(normal) + len(support))
+            on_stage("normal", len(bank_paths))
 
         # The memory bank: every patch of the normal images not held back, reduced by a coreset.
         bank_embeddings = cache.embed_files(bank_paths, on_image)
@@ -489,6 +513,8 @@ class DefectModel:
         logger.info("Memory bank: %d patch embeddings", len(bank.embeddings))
 
         # The threshold: no held-back normal image scores above it.
+        if on_stage is not None:
+            on_stage("examples", len(held_paths) + len(support))
         held_scores = torch.tensor(
             [
                 image_score(bank.patch_scores(e.patches))
@@ -933,17 +959,7 @@ class DefectModel:
         Raises:
             ModelError: ``folder`` exists and is something other than a model or an empty folder.
         """
-        target = Path(folder).absolute()
-        if target.exists():
-            if not target.is_dir():
-                msg = f"{target}: exists and is a file, not a model folder. Choose another path"
-                raise ModelError(msg)
-            if not (target / MODEL_FILE).is_file() and any(target.iterdir()):
-                msg = (
-                    f"{target}: this folder is not empty and holds no {MODEL_FILE}, so it is not "
-                    "a PatchProto model; refusing to replace it. Choose a new or empty folder"
-                )
-                raise ModelError(msg)
+        target = check_save_target(folder)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.saving-"))
         try:
