@@ -269,7 +269,7 @@ def test_simpleshot_centres_on_the_support_mean() -> None:
     method = SimpleShot().fit(support, labels)
     stacked = torch.stack([s.pooled for s in support]).double()
     unit = torch.nn.functional.normalize(stacked - stacked.mean(0), dim=1)
-    centroid = unit[:3].mean(0)
+    centroid = torch.nn.functional.normalize(unit[:3].mean(0), dim=0)
     query = torch.nn.functional.normalize(queries[0].pooled.double() - stacked.mean(0), dim=0)
     assert float(method.distances(queries[:1])[0, 0]) == pytest.approx(
         float((query - centroid).norm()), abs=1e-5

@@ -2,12 +2,19 @@
 
 Wang, Chao, Weinberger and van der Maaten, "SimpleShot: Revisiting Nearest-Neighbor
 Classification for Few-Shot Learning" (2019): features are centred by subtracting a mean
-feature, scaled to unit length ("CL2N"), and a query goes to the class whose centroid (mean of
-its transformed support features) is nearest in Euclidean distance.
+feature, scaled to unit length ("CL2N"), and a query goes to the class whose centroid of
+transformed support features is nearest in Euclidean distance.
 
-SimpleShot subtracts the mean feature of the base-training classes. Without meta-training
-there is no base set, so the mean of the episode's support features stands in for it; queries
-are centred by the same vector. The distance is the plain Euclidean distance of the paper.
+Two choices the paper leaves open:
+
+- SimpleShot subtracts the mean feature of the base-training classes. Without meta-training
+  there is no base set, so the mean of the episode's support features stands in for it; queries
+  are centred by the same vector.
+- The mean of unit vectors lies inside the unit ball, shorter the more a class's support
+  images differ; the Euclidean distance to such a centroid favours diverse classes. The centroid
+  is therefore scaled back to unit length (the mean direction), which makes the Euclidean
+  distance ``sqrt(2 - 2 cos)``: the ranking is that of the cosine to the class centroid, as in
+  easyfsl's SimpleShot. With one shot both readings agree.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from patchproto.methods.protonet import class_means, stack_pooled
 
 
 class SimpleShot(FewShotMethod):
-    """Nearest centroid after centring on the support mean and L2 normalisation (CL2N).
+    """Nearest class direction after centring on the support mean and L2 normalisation (CL2N).
 
     Example:
         >>> def image(key, x):
@@ -47,11 +54,12 @@ class SimpleShot(FewShotMethod):
         return F.normalize(features.double() - self.center, dim=1)
 
     def fit(self, support: Sequence[ImageFeatures], labels: Sequence[int]) -> SimpleShot:
-        """Centre on the support mean, normalise, and average each class into its centroid."""
+        """Centre on the support mean, normalise, and take each class's mean direction."""
         ways = check_support(support, labels)
         features = stack_pooled(support).double()
         self.center = features.mean(dim=0)
-        self.centroids = class_means(self.transform(features), torch.as_tensor(list(labels)), ways)
+        means = class_means(self.transform(features), torch.as_tensor(list(labels)), ways)
+        self.centroids = F.normalize(means, dim=1)
         return self
 
     def distances(self, queries: Sequence[ImageFeatures]) -> torch.Tensor:
