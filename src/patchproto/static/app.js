@@ -215,7 +215,7 @@ function renderTypes(types) {
       list.append(
         element("li", { class: "example" }, [
           image,
-          element("span", { class: "example-name small", text: example.name }),
+          element("span", { class: "example-name small", text: example.name, title: example.name }),
           remove,
         ]),
       );
