@@ -1,8 +1,9 @@
 """The web service end to end through FastAPI's test client, on a small model fitted here.
 
 The model is fitted once per module from the seeded synthetic set (two defect types, 128 px
-images, ``efficientnet_lite0`` with its packaged weights) and copied into a fresh folder for
-every test, so each test may change its model folder and check it afterwards.
+images, ``efficientnet_lite0`` with its packaged weights). Tests that change the model get a
+fresh copy of its folder and their own app; tests that must change nothing share one app and
+check, byte for byte, that its folder is unchanged afterwards.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from typer.testing import CliRunner
 
+from patchproto.cli import app as cli_app
 from patchproto.model import DefectModel
 from patchproto.service import MAX_FILES_PER_UPLOAD, ReadWriteLock, create_app
 from patchproto.synthetic import SyntheticSet, write_synthetic_set
@@ -53,6 +56,19 @@ def data(fitted: tuple[Path, SyntheticSet]) -> SyntheticSet:
 @pytest.fixture
 def client(model_dir: Path) -> Iterator[TestClient]:
     with TestClient(create_app(model_dir)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def shared_dir(fitted: tuple[Path, SyntheticSet], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the fitted model shared by the tests that must leave it unchanged."""
+    return Path(shutil.copytree(fitted[0], tmp_path_factory.mktemp("shared") / "model"))
+
+
+@pytest.fixture(scope="module")
+def shared_client(shared_dir: Path) -> Iterator[TestClient]:
+    """A client of the app on ``shared_dir``; tests using it check that the folder is unchanged."""
+    with TestClient(create_app(shared_dir)) as test_client:
         yield test_client
 
 
@@ -91,26 +107,27 @@ def classify(client: TestClient, path: Path) -> dict:
     return response.json()
 
 
-def test_page_static_files_and_health(client: TestClient) -> None:
-    page = client.get("/")
+def test_page_static_files_and_health(shared_client: TestClient) -> None:
+    page = shared_client.get("/")
     assert page.status_code == 200
     assert "text/html" in page.headers["content-type"]
     assert 'id="file-input"' in page.text and "/static/app.js" in page.text
     for asset in ("/static/app.js", "/static/style.css"):
-        assert client.get(asset).status_code == 200, asset
+        assert shared_client.get(asset).status_code == 200, asset
 
-    health = client.get("/api/health").json()
+    health = shared_client.get("/api/health").json()
     assert health["status"] == "ok"
     assert (health["types"], health["examples"]) == (2, 4)
 
 
 def test_classify_returns_ranking_scores_patches_and_overlay(
-    client: TestClient, model_dir: Path, data: SyntheticSet
+    shared_client: TestClient, shared_dir: Path, data: SyntheticSet
 ) -> None:
+    before = snapshot(shared_dir)
     query = data.queries["scratch"][0]
-    result = classify(client, query)
+    result = classify(shared_client, query)
 
-    expected = DefectModel.load(model_dir).classify(query)
+    expected = DefectModel.load(shared_dir).classify(query)
     assert result["predicted_type"] == expected.predicted_type
     assert [entry["type"] for entry in result["ranking"]] == [e.type for e in expected.ranking]
     for got, want in zip(result["ranking"], expected.ranking, strict=True):
@@ -131,23 +148,24 @@ def test_classify_returns_ranking_scores_patches_and_overlay(
     overlay = Image.open(io.BytesIO(base64.b64decode(result["overlay"][len(prefix) :])))
     assert overlay.format == "PNG" and overlay.size == (128, 128)
     assert "heatmap" not in result
+    assert snapshot(shared_dir) == before
 
 
-def test_types_and_example_images(client: TestClient, model_dir: Path) -> None:
-    listed = client.get("/api/types").json()["types"]
+def test_types_and_example_images(shared_client: TestClient, shared_dir: Path) -> None:
+    listed = shared_client.get("/api/types").json()["types"]
     assert [entry["name"] for entry in listed] == list(TYPES)
-    model = DefectModel.load(model_dir)
+    model = DefectModel.load(shared_dir)
     assert {entry["name"]: [e["name"] for e in entry["examples"]] for entry in listed} == (
         model.types()
     )
 
     example = listed[0]["examples"][0]
-    image = client.get(example["url"])
+    image = shared_client.get(example["url"])
     assert image.status_code == 200
     assert image.headers["content-type"] == "image/png"
     assert image.content == model.example_image(listed[0]["name"], example["name"])
 
-    thumbnail = client.get(example["url"], params={"thumbnail": 32})
+    thumbnail = shared_client.get(example["url"], params={"thumbnail": 32})
     assert thumbnail.headers["content-type"] == "image/png"
     assert max(Image.open(io.BytesIO(thumbnail.content)).size) <= 32
 
@@ -203,22 +221,22 @@ def test_removed_examples_are_gone_from_disk(client: TestClient, model_dir: Path
 
 
 def test_unknown_type_or_example_is_404_listing_what_exists(
-    client: TestClient, model_dir: Path
+    shared_client: TestClient, shared_dir: Path
 ) -> None:
-    before = snapshot(model_dir)
+    before = snapshot(shared_dir)
 
-    missing_type = client.get("/api/examples/dent/a.png")
+    missing_type = shared_client.get("/api/examples/dent/a.png")
     assert missing_type.status_code == 404
     detail = missing_type.json()["detail"]
     assert "'dent'" in detail and "'scratch'" in detail and "'spot'" in detail
 
-    missing_example = client.delete("/api/types/spot/examples/nothing.png")
+    missing_example = shared_client.delete("/api/types/spot/examples/nothing.png")
     assert missing_example.status_code == 404
     detail = missing_example.json()["detail"]
     assert "'nothing.png'" in detail and "'spot_s00.png'" in detail and "'spot_s01.png'" in detail
 
-    assert client.delete("/api/types/dent/examples/a.png").status_code == 404
-    assert snapshot(model_dir) == before
+    assert shared_client.delete("/api/types/dent/examples/a.png").status_code == 404
+    assert snapshot(shared_dir) == before
 
 
 def test_oversize_uploads_are_413_and_change_nothing(model_dir: Path, data: SyntheticSet) -> None:
@@ -281,11 +299,11 @@ def test_oversize_uploads_are_413_and_change_nothing(model_dir: Path, data: Synt
     ids=["text", "empty", "truncated", "too-many-pixels"],
 )
 def test_unusable_uploads_are_422_naming_upload_and_fix(
-    client: TestClient, model_dir: Path, filename: str, content: bytes, problem: str
+    shared_client: TestClient, shared_dir: Path, filename: str, content: bytes, problem: str
 ) -> None:
-    before = snapshot(model_dir)
+    before = snapshot(shared_dir)
     for url, field in (("/api/classify", "file"), ("/api/types/spot/examples", "files")):
-        response = client.post(url, files={field: (filename, content)})
+        response = shared_client.post(url, files={field: (filename, content)})
         assert response.status_code == 422, (url, response.text)
         detail = response.json()["detail"]
         assert repr(filename) in detail and problem in detail
@@ -293,34 +311,48 @@ def test_unusable_uploads_are_422_naming_upload_and_fix(
 
     # One bad image among good ones: nothing is added.
     good = ("fine.png", png_bytes())
-    response = client.post(
+    response = shared_client.post(
         "/api/types/spot/examples", files=[("files", good), ("files", (filename, content))]
     )
     assert response.status_code == 422
-    assert snapshot(model_dir) == before
-    assert "fine.png" not in client.get("/api/types").text
+    assert snapshot(shared_dir) == before
+    assert "fine.png" not in shared_client.get("/api/types").text
 
 
-def test_malformed_requests_explain_themselves(client: TestClient, model_dir: Path) -> None:
-    before = snapshot(model_dir)
-    not_multipart = client.post("/api/classify", json={"file": "x"})
+def test_malformed_requests_explain_themselves(shared_client: TestClient, shared_dir: Path) -> None:
+    before = snapshot(shared_dir)
+    not_multipart = shared_client.post("/api/classify", json={"file": "x"})
     assert not_multipart.status_code == 415
     assert "multipart/form-data" in not_multipart.json()["detail"]
 
-    no_file = client.post("/api/classify", files={"image": ("a.png", png_bytes())})
+    no_file = shared_client.post("/api/classify", files={"image": ("a.png", png_bytes())})
     assert no_file.status_code == 422
     assert "'file'" in no_file.json()["detail"]
 
-    duplicate = client.post(
+    duplicate = shared_client.post(
         "/api/types/spot/examples", files={"files": ("spot_s00.png", png_bytes())}
     )
     assert duplicate.status_code == 409
     assert "spot_s00.png" in duplicate.json()["detail"]
 
-    bad_name = client.post("/api/types/%20/examples", files={"files": ("a.png", png_bytes())})
+    cross_site = shared_client.post(
+        "/api/types/spot/examples",
+        files={"files": ("a.png", png_bytes())},
+        headers={"Origin": "https://elsewhere.example"},
+    )
+    assert cross_site.status_code == 403
+    assert "other sites" in cross_site.json()["detail"]
+    cross_site = shared_client.delete(
+        "/api/types/spot/examples/spot_s00.png", headers={"Origin": "https://elsewhere.example"}
+    )
+    assert cross_site.status_code == 403
+
+    bad_name = shared_client.post(
+        "/api/types/%20/examples", files={"files": ("a.png", png_bytes())}
+    )
     assert bad_name.status_code == 422
     assert "type name" in bad_name.json()["detail"]
-    assert snapshot(model_dir) == before
+    assert snapshot(shared_dir) == before
 
 
 def test_failed_save_keeps_folder_and_memory_unchanged(
@@ -439,3 +471,15 @@ def test_read_write_lock_excludes_writers_from_readers() -> None:
     first.join()
     second.join()
     assert events == ["read start", "read end", "write"]
+
+
+def test_serve_command_refuses_a_missing_model_or_bad_limits(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(cli_app, ["serve", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2
+    assert "no such model folder" in missing.output
+
+    (tmp_path / "model").mkdir()
+    zero = runner.invoke(cli_app, ["serve", str(tmp_path / "model"), "--max-upload-mb", "0"])
+    assert zero.exit_code == 2
+    assert "--max-upload-mb" in zero.output

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import anyio
 import numpy as np
@@ -51,6 +51,7 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from patchproto.backbones import WeightsError
 from patchproto.images import ImageError, load_image
 from patchproto.model import Classification, DefectModel, ModelError
 from patchproto.visualize import overlay_heatmap
@@ -294,6 +295,27 @@ def _example_name(upload: UploadFile, index: int) -> str:
     return name if name.strip(".") else f"upload-{index + 1}.png"
 
 
+def _check_same_origin(request: Request) -> None:
+    """Refuse a change sent by a page from another site (403).
+
+    A form on any web site can make the browser POST to this server; browsers name the page's
+    origin in the ``Origin`` header, so a change whose origin is not this server is refused.
+    Requests without the header (command-line clients) pass.
+    """
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    host = request.headers.get("host", "")
+    # Behind a proxy that rewrites Host, the name the browser used is in X-Forwarded-Host.
+    hosts = {host, request.headers.get("x-forwarded-host", host)}
+    if origin == "null" or urlsplit(origin).netloc not in hosts:
+        raise _error(
+            403,
+            f"Changes from pages of other sites are refused (origin {origin!r}, this server "
+            f"{host!r}). Use this server's own page, or send the request without an Origin",
+        )
+
+
 def _upload_label(upload: UploadFile) -> str:
     return f"upload {upload.filename!r}" if upload.filename else "the upload"
 
@@ -475,6 +497,7 @@ def create_app(
 
     @app.post("/api/types/{type_name}/examples")
     async def add_examples(type_name: str, request: Request) -> dict[str, Any]:
+        _check_same_origin(request)
         uploads = await _form_files(request, "files", max_files=MAX_FILES_PER_UPLOAD)
         examples: list[tuple[str, bytes]] = []
         for index, upload in enumerate(uploads):
@@ -509,7 +532,9 @@ def create_app(
         return {"type": type_name, "added": added, "types": _types_payload(types)}
 
     @app.delete("/api/types/{type_name}/examples/{example}")
-    async def remove_example(type_name: str, example: str) -> dict[str, Any]:
+    async def remove_example(type_name: str, example: str, request: Request) -> dict[str, Any]:
+        _check_same_origin(request)
+
         def check(model: DefectModel) -> None:
             _check_example(model.types(), type_name, example)
 
@@ -590,6 +615,10 @@ def serve_command(
 
     from patchproto.cli import fail
 
+    if not max_upload_mb > 0:
+        raise fail(f"--max-upload-mb {max_upload_mb} must be positive, for example 20")
+    if threads < 0 or workers < 0:
+        raise fail("--threads and --workers must be positive, or 0 to choose from the cores")
     cores = os.cpu_count() or 1
     threads = threads or max(1, min(4, cores // 2))
     workers = workers or max(2, cores // threads)
@@ -598,8 +627,13 @@ def serve_command(
         app = create_app(
             model, max_upload_bytes=int(max_upload_mb * 1024 * 1024), classify_workers=workers
         )
-    except (ModelError, ValueError, OSError) as error:
+    except (ModelError, WeightsError, OSError) as error:
         raise fail(str(error)) from error
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        # NOTE: the service has no accounts or passwords: anyone who can reach the port can
+        # classify images and add or remove examples. Serve beyond this machine only on a
+        # trusted network, or behind a proxy that authenticates.
+        logger.warning("serving on %s: anyone who reaches it can change the model", host)
     logger.info(
         "serving %s on http://%s:%d (%d workers x %d torch threads)",
         model,
