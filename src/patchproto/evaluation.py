@@ -77,6 +77,8 @@ _NEEDS_GROUND_TRUTH = frozenset({"gt_proto"})
 PATCHPROTO_PARAMS = ("gamma", "m", "temperature")
 # Images embedded per call to the feature cache while building the memory bank.
 _BANK_CHUNK = 64
+# Images whose patches are scored in one nearest-neighbour search.
+_SCORE_CHUNK = 32
 
 
 @contextmanager
@@ -222,12 +224,33 @@ def memory_bank(
     assert normal is not None  # load_category guarantees normal images
     steps = coreset_size(len(normal), coreset_ratio)
     steps = steps if steps < len(normal) else 0
-    with progress(f"{category.name}: coreset of {len(normal):,} patches", steps) as advance:
+    # NOTE: the greedy coreset is ~10^5 small steps; on a busy CPU one thread is many times
+    # faster than several (247 s against 15 s for 1,000 centers of 200,000 on two shared cores).
+    with (
+        progress(f"{category.name}: coreset of {len(normal):,} patches", steps) as advance,
+        single_thread(),
+    ):
         bank.fit(normal, on_step=advance)
     del normal
     if entry is not None:
         atomic_write_bytes(entry, save({"embeddings": bank.embeddings.contiguous()}))
     return bank, False
+
+
+def _patch_scores(
+    name: str, bank: MemoryBank | None, embedded: Sequence[Embedding], progress: ProgressFactory
+) -> list[torch.Tensor]:
+    """Patch scores of each image against the bank, a few images per search; NaN without one."""
+    if bank is None:
+        return [torch.full((e.patches.shape[0],), float("nan")) for e in embedded]
+    scores: list[torch.Tensor] = []
+    with progress(f"{name}: patch scores", len(embedded)) as advance:
+        for start in range(0, len(embedded), _SCORE_CHUNK):
+            chunk = embedded[start : start + _SCORE_CHUNK]
+            found = bank.patch_scores(torch.cat([e.patches for e in chunk])).float()
+            scores.extend(found.split([e.patches.shape[0] for e in chunk]))
+            advance(len(chunk))
+    return scores
 
 
 def _needs(methods: Sequence[str]) -> tuple[bool, bool, bool]:
@@ -333,14 +356,7 @@ def prepare_category(
     with progress(f"{category.name}: embedding defects", len(samples)) as advance:
         embedded: list[Embedding] = cache.embed_files(paths, on_image=advance)
 
-    scores: list[torch.Tensor] = []
-    with progress(f"{category.name}: patch scores", len(samples) if bank else 0) as advance:
-        for embedding in embedded:
-            if bank is None:
-                scores.append(torch.full((embedding.patches.shape[0],), float("nan")))
-                continue
-            scores.append(bank.patch_scores(embedding.patches).float())
-            advance(1)
+    scores = _patch_scores(category.name, bank, embedded, progress)
 
     seg_pooled: list[torch.Tensor | None] = [None] * len(samples)
     if needs_segmentation:
