@@ -16,6 +16,10 @@ renormalised to sum to 1 by default, so that ``d^y`` is a weighted mean of cosin
 ``[0, 2]`` whatever share of the anomaly mass the selection covered. The weights are the same for
 every class, so this changes no prediction, only the scale of the distances (and so the
 confidences and any threshold on them).
+
+NOTE: the confidences ``softmax(-d)`` of :class:`~patchproto.methods.base.Prediction` are close
+to uniform here, because cosine distances differ between classes by a few hundredths; they
+rank the classes but are not calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -210,7 +214,6 @@ class PatchProtoNetworks(FewShotMethod):
         per_image = torch.zeros(1, len(self.support))
         per_image[0] = weights @ self._image_distances(selection.embeddings.float())
         distances = self._class_means(per_image)[0]
-        shots = torch.bincount(self.labels, minlength=self.ways).float()
 
         offsets = [0]
         for sel in self.support_selections:
@@ -220,28 +223,27 @@ class PatchProtoNetworks(FewShotMethod):
         for row_index, (index, weight) in enumerate(zip(selection.indices, weights, strict=True)):
             nearest = []
             for label in range(self.ways):
-                best: dict[str, Any] | None = None
-                contribution = 0.0
+                matches = []
                 for n in torch.nonzero(self.labels == label).flatten().tolist():
                     sims = similarity[row_index, offsets[n] : offsets[n + 1]]
                     j = int(torch.argmax(sims))
-                    distance = 1.0 - float(sims[j])
-                    contribution += float(weight) * distance / float(shots[label])
-                    if best is None or distance < best["distance"]:
-                        patch = int(self.support_selections[n].indices[j])
-                        support_width = self.support[n].grid[1]
-                        best = {
-                            "class": label,
-                            "support": n,
-                            "key": self.support[n].key,
-                            "patch": patch,
-                            "row": patch // support_width,
-                            "col": patch % support_width,
-                            "distance": distance,
-                        }
-                assert best is not None  # every class has a support image (check_support)
-                best["contribution"] = contribution
-                nearest.append(best)
+                    matches.append(
+                        (1.0 - float(sims[j]), n, int(self.support_selections[n].indices[j]))
+                    )
+                distance, n, patch = min(matches)
+                support_width = self.support[n].grid[1]
+                nearest.append(
+                    {
+                        "class": label,
+                        "support": n,
+                        "key": self.support[n].key,
+                        "patch": patch,
+                        "row": patch // support_width,
+                        "col": patch % support_width,
+                        "distance": distance,
+                        "contribution": float(weight) * sum(m[0] for m in matches) / len(matches),
+                    }
+                )
             index = int(index)
             patches.append(
                 {
