@@ -21,7 +21,9 @@ Fixtures:
         when it is absent.
     hermetic_cache: Points ``$PATCHPROTO_CACHE`` at an empty tmp folder for the test.
 
-Sizes are tiny (64 x 48 images, embedded at 64 px) so that the tests stay fast on a CPU.
+Sizes are tiny (64 x 48 images, embedded at 64 px) so that the tests stay fast on a CPU. For the
+same reason torch and faiss run on one thread during tests: on tensors this small, a second thread
+only adds synchronisation, which on a busy shared machine costs up to a hundred times the work.
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ from PIL import Image
 
 from patchproto.backbones import Backbone, load_backbone
 from patchproto.datasets import default_data_root
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run torch and faiss on one thread (see the module docstring)."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+
 
 Box = tuple[int, int, int, int]
 
