@@ -202,7 +202,7 @@ def _expand(inputs: list[Path]) -> list[tuple[Path, str | None]]:
         elif item.exists():
             found.append((item, None))
         else:
-            found.append((item, "no such file or folder"))
+            found.append((item, "no such file or folder. Check the path"))
     return found
 
 
@@ -281,8 +281,8 @@ def classify_command(
 
     def bad(name: str, message: str) -> None:
         if on_error is OnError.stop:
-            raise fail(f"{message}. Fix or remove it, or pass --on-error skip")
-        logger.warning("Skipping %s", message)
+            raise fail(f"{message} (or pass --on-error skip to go on without it)")
+        logger.debug("Skipping %s", message)
         skipped.append((name, message))
 
     with ExitStack() as stack:
