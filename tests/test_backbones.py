@@ -112,11 +112,13 @@ def test_checkpoint_with_a_state_dict_entry_is_loaded(tmp_path: Path) -> None:
     assert torch.equal(backbone.model.conv1.weight, model.conv1.weight)
 
 
-def test_weights_of_another_architecture_name_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "resnet18.pth"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+def test_weights_of_another_architecture_name_the_file(tmp_path: Path, random_backbones) -> None:
+    resnet = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), resnet)
+    efficientnet = tmp_path / "lite0.pth"
+    torch.save(random_backbones["efficientnet_lite0"].model.state_dict(), efficientnet)
 
-    for name in ("wide_resnet50_2", "efficientnet_lite0"):
+    for name, path in (("efficientnet_lite0", resnet), ("resnet18", efficientnet)):
         with pytest.raises(WeightsError) as caught:
             load_backbone(name, weights=path)
         assert str(path) in str(caught.value)

