@@ -40,7 +40,8 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -326,6 +327,17 @@ def _holdout_count(holdout: float | int, normal: int) -> int:
     return count
 
 
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore the previous count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         handle = os.open(folder, os.O_RDONLY)
@@ -508,7 +520,10 @@ class DefectModel:
             from patchproto.coreset import coreset_size
 
             on_stage("coreset", coreset_size(len(patches), coreset_ratio))
-        bank.fit(patches, on_step)
+        # NOTE: the greedy coreset is ~10^5 tiny steps; on a busy CPU one thread is many times
+        # faster than a pool that spins up for each step.
+        with _single_thread():
+            bank.fit(patches, on_step)
         del patches
         logger.info("Memory bank: %d patch embeddings", len(bank.embeddings))
 

@@ -163,7 +163,7 @@ def fit_command(
             gamma=gamma,
             m=m,
             temperature=temperature,
-            holdout=int(holdout) if holdout >= 1 else holdout,
+            holdout=holdout,
             seed=seed,
             cache_dir=None if no_cache else (cache or default_cache_dir()),
             on_image=advance,
@@ -269,6 +269,9 @@ def classify_command(
     weights: Path | None = typer.Option(
         None, "--weights", help="Backbone weights file, if not where it was at fit time."
     ),
+    batch_size: int = typer.Option(
+        CLASSIFY_BATCH, "--batch-size", min=1, help="Images per forward pass (1: per-image timing)."
+    ),
 ) -> None:
     """Name the defect type of each image, with its anomaly score and deciding patches."""
     from patchproto.cli import console, fail, progress_bar
@@ -299,9 +302,10 @@ def classify_command(
 
         results: list[Classification] = []
         used: set[str] = set()
-        for start in range(0, len(items), CLASSIFY_BATCH):
+        for start in range(0, len(items), batch_size):
             batch: list[tuple[Path, Any]] = []
-            for path, problem in items[start : start + CLASSIFY_BATCH]:
+            tick = time.perf_counter()
+            for path, problem in items[start : start + batch_size]:
                 if problem is not None:
                     bad(str(path), f"{path}: {problem}")
                     advance(1)
@@ -313,10 +317,14 @@ def classify_command(
                     advance(1)
             if not batch:
                 continue
+            decoding = (time.perf_counter() - tick) / len(batch)
             answers = defect_model.classify_many(
                 [image for _, image in batch], [str(path) for path, _ in batch]
             )
             for (path, image), result in zip(batch, answers, strict=True):
+                # Reading and decoding the file is part of the latency a user sees.
+                result.timing["load"] += decoding
+                result.timing["total"] += decoding
                 jsonl.write(json.dumps(result.to_dict()) + "\n")
                 jsonl.flush()
                 if writer is not None and out is not None:
