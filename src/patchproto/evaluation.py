@@ -176,20 +176,64 @@ def _bank_entry(cache: FeatureCache, key: str) -> Path | None:
     return None if cache.folder is None else cache.folder / "banks" / f"{key}.safetensors"
 
 
+@dataclass
+class CachedBank:
+    """A memory bank with its cache key; patch scores against it are cached too.
+
+    Attributes:
+        bank: The bank.
+        key: Identifies the embedder, the normal images, the coreset ratio and the seed.
+        cached: Whether the bank was read from the cache.
+        cache: The feature cache it lives in.
+    """
+
+    bank: MemoryBank
+    key: str
+    cached: bool
+    cache: FeatureCache
+
+    def _entry(self, keys: Sequence[str]) -> Path | None:
+        folder = self.cache.folder
+        name = _derived_key("scores", self.key, *keys)
+        return None if folder is None else folder / "scores" / f"{name}.safetensors"
+
+    def scores(
+        self, keys: Sequence[str], embedded: Sequence[Embedding], advance: Advance
+    ) -> list[torch.Tensor]:
+        """Patch scores of each image (``keys[i]`` identifies ``embedded[i]``), a few per search."""
+        counts = [e.patches.shape[0] for e in embedded]
+        entry = self._entry(keys)
+        if entry is not None and entry.is_file():
+            try:
+                found = load_file(str(entry))["scores"]
+                if found.shape[0] == sum(counts):
+                    advance(len(embedded))
+                    return list(found.split(counts))
+            except (SafetensorError, KeyError, OSError, ValueError) as error:
+                logger.warning("Ignoring unreadable patch scores %s (%s)", entry, error)
+
+        parts: list[torch.Tensor] = []
+        for start in range(0, len(embedded), _SCORE_CHUNK):
+            chunk = embedded[start : start + _SCORE_CHUNK]
+            parts.append(self.bank.patch_scores(torch.cat([e.patches for e in chunk])).float())
+            advance(len(chunk))
+        found = torch.cat(parts) if parts else torch.zeros(0)
+        if entry is not None:
+            atomic_write_bytes(entry, save({"scores": found.contiguous()}))
+        return list(found.split(counts))
+
+
 def memory_bank(
     category: Category,
     cache: FeatureCache,
     coreset_ratio: float = DEFAULT_CORESET_RATIO,
     seed: int = 0,
     progress: ProgressFactory = no_progress,
-) -> tuple[MemoryBank, bool]:
+) -> CachedBank:
     """The PatchCore memory bank of a category's ``train/good`` images, kept in the cache.
 
     The bank is keyed by the embedder, the contents of the normal images, the coreset ratio and
     the seed; a second run over the same images loads it instead of embedding them again.
-
-    Returns:
-        The bank and whether it came from the cache.
     """
     keys = _file_keys(category.train_good)
     bank_key = _derived_key(
@@ -204,7 +248,8 @@ def memory_bank(
     bank = MemoryBank(coreset_ratio, projection_dim=DEFAULT_PROJECTION_DIM, seed=seed)
     if entry is not None and entry.is_file():
         try:
-            return bank.load(load_file(str(entry))["embeddings"]), True
+            bank.load(load_file(str(entry))["embeddings"])
+            return CachedBank(bank, bank_key, True, cache)
         except (SafetensorError, KeyError, OSError, ValueError) as error:
             logger.warning("Ignoring unreadable memory bank %s (%s); rebuilding", entry, error)
 
@@ -234,23 +279,7 @@ def memory_bank(
     del normal
     if entry is not None:
         atomic_write_bytes(entry, save({"embeddings": bank.embeddings.contiguous()}))
-    return bank, False
-
-
-def _patch_scores(
-    name: str, bank: MemoryBank | None, embedded: Sequence[Embedding], progress: ProgressFactory
-) -> list[torch.Tensor]:
-    """Patch scores of each image against the bank, a few images per search; NaN without one."""
-    if bank is None:
-        return [torch.full((e.patches.shape[0],), float("nan")) for e in embedded]
-    scores: list[torch.Tensor] = []
-    with progress(f"{name}: patch scores", len(embedded)) as advance:
-        for start in range(0, len(embedded), _SCORE_CHUNK):
-            chunk = embedded[start : start + _SCORE_CHUNK]
-            found = bank.patch_scores(torch.cat([e.patches for e in chunk])).float()
-            scores.extend(found.split([e.patches.shape[0] for e in chunk]))
-            advance(len(chunk))
-    return scores
+    return CachedBank(bank, bank_key, False, cache)
 
 
 def _needs(methods: Sequence[str]) -> tuple[bool, bool, bool]:
@@ -292,7 +321,7 @@ def _masked_loader(path: Path, mask: np.ndarray) -> Callable[[], Any]:
 def _normal_threshold(
     category: Category,
     cache: FeatureCache,
-    bank: MemoryBank,
+    bank: CachedBank,
     progress: ProgressFactory,
 ) -> float | None:
     """The segmentation threshold from the held-back normal images, or ``None`` without any."""
@@ -301,7 +330,9 @@ def _normal_threshold(
     size = (cache.embedder.image_size, cache.embedder.image_size)
     with progress(f"{category.name}: embedding test/good", len(category.test_good)) as advance:
         normal = cache.embed_files(category.test_good, on_image=advance)
-    maps = [anomaly_map(bank.patch_scores(e.patches), e.grid, size) for e in normal]
+    with progress(f"{category.name}: test/good patch scores", len(normal)) as advance:
+        scores = bank.scores(_file_keys(category.test_good), normal, advance)
+    maps = [anomaly_map(s, e.grid, size) for s, e in zip(scores, normal, strict=True)]
     return segmentation_threshold(maps)
 
 
@@ -346,9 +377,9 @@ def prepare_category(
 
     bank = None
     if needs_scores:
-        bank, cached = memory_bank(category, cache, coreset_ratio, seed, progress)
-        info["bank_size"] = int(bank.embeddings.shape[0])
-        info["bank_cached"] = cached
+        bank = memory_bank(category, cache, coreset_ratio, seed, progress)
+        info["bank_size"] = int(bank.bank.embeddings.shape[0])
+        info["bank_cached"] = bank.cached
     info["bank_s"] = round(time.perf_counter() - started, 1)
 
     paths = [sample.path for sample in samples]
@@ -356,7 +387,11 @@ def prepare_category(
     with progress(f"{category.name}: embedding defects", len(samples)) as advance:
         embedded: list[Embedding] = cache.embed_files(paths, on_image=advance)
 
-    scores = _patch_scores(category.name, bank, embedded, progress)
+    if bank is None:
+        scores = [torch.full((e.patches.shape[0],), float("nan")) for e in embedded]
+    else:
+        with progress(f"{category.name}: patch scores", len(embedded)) as advance:
+            scores = bank.scores(file_keys, embedded, advance)
 
     seg_pooled: list[torch.Tensor | None] = [None] * len(samples)
     if needs_segmentation:
@@ -427,7 +462,7 @@ def prepare_category(
         key = _derived_key("white", f"{size}")
         (blank,) = cache.embed_images([white_image((size, size))], [key])
         blank_scores = (
-            bank.patch_scores(blank.patches).float()
+            bank.bank.patch_scores(blank.patches).float()
             if bank is not None
             else torch.full((blank.patches.shape[0],), float("nan"))
         )
