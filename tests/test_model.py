@@ -362,3 +362,10 @@ def test_fit_errors_name_the_folder(data, tmp_path: Path) -> None:
         fit_small(data, holdout=6)
     with pytest.raises(ModelError, match="gamma"):
         fit_small(data, gamma=1.5)
+
+
+def test_random_weight_models_reload_identically(data, tmp_path: Path) -> None:
+    model = fit_small(data, pretrained=False)
+    loaded = DefectModel.load(model.save(tmp_path / "model"))
+    before, after = model.classify(queries(data)[0]), loaded.classify(queries(data)[0])
+    assert [e.distance for e in after.ranking] == [e.distance for e in before.ranking]

@@ -14,6 +14,7 @@ import shutil
 import zlib
 from pathlib import Path
 
+import faiss
 import pytest
 import torch
 from PIL import Image
@@ -57,10 +58,11 @@ def bomb_png(width: int = 9000, height: int = 9000) -> bytes:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One torch thread: on a shared, oversubscribed CPU two spinning threads run 10x slower."""
-    threads = torch.get_num_threads()
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(faiss_threads)
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +132,9 @@ def test_classify_writes_json_lines_csv_and_overlays(fitted: Path, data, tmp_pat
 
 def test_classify_without_out_prints_json_lines(fitted: Path, data) -> None:
     image = data.queries["hole"][0]
-    result = run("classify", fitted, image)
+    result = run("classify", fitted, image, "--threads", "1")
     assert result.exit_code == 0, result.output
+    assert faiss.omp_get_max_threads() == 1
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1
     record = json.loads(lines[0])

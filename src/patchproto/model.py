@@ -56,6 +56,7 @@ from safetensors.torch import load_file, save
 from patchproto import __version__
 from patchproto.backbones import Backbone, load_backbone
 from patchproto.cache import FeatureCache, content_key
+from patchproto.coreset import coreset_size
 from patchproto.datasets import load_plain
 from patchproto.embedding import DEFAULT_IMAGE_SIZE, Embedding, PatchEmbedder
 from patchproto.images import ImageError, load_image
@@ -80,6 +81,8 @@ MAX_DECIDING_PATCHES = 8
 # and types typically differ by 0.02-0.2, which a plain softmax would flatten to near-uniform.
 DEFAULT_CONFIDENCE_TEMPERATURE = 0.05
 
+# The weights id of a backbone built with random weights (see patchproto.backbones).
+RANDOM_WEIGHTS = "random-init"
 REFIT_FIX = "Refit it with `patchproto fit --normal DIR --defects DIR --out MODEL`"
 _TYPE_NAME = re.compile(r"^[^/\\\x00-\x1f]{1,100}$")
 
@@ -327,6 +330,15 @@ def _holdout_count(holdout: float | int, normal: int) -> int:
     return count
 
 
+def _load_backbone(name: str, weights: str | Path | None, pretrained: bool) -> Backbone:
+    """Load a backbone; random weights (tests only) are seeded so that a saved model reloads."""
+    if pretrained:
+        return load_backbone(name, weights)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return load_backbone(name, pretrained=False)
+
+
 @contextmanager
 def _single_thread() -> Iterator[None]:
     """Run torch on one intra-op thread, then restore the previous count."""
@@ -505,7 +517,7 @@ class DefectModel:
         held_paths = [p for i, p in enumerate(normal) if i in held]
         support = [(t, s.path) for t in category.defect_types for s in category.defects[t]]
 
-        net = load_backbone(backbone, weights, pretrained=pretrained)
+        net = _load_backbone(backbone, weights, pretrained)
         embedder = PatchEmbedder(net, image_size=image_size, dim=dim)
         cache = FeatureCache(embedder, Path(cache_dir) if cache_dir is not None else None)
         if on_stage is not None:
@@ -517,8 +529,6 @@ class DefectModel:
         del bank_embeddings
         bank = MemoryBank(coreset_ratio=coreset_ratio, seed=seed)
         if on_stage is not None:
-            from patchproto.coreset import coreset_size
-
             on_stage("coreset", coreset_size(len(patches), coreset_ratio))
         # NOTE: the greedy coreset is ~10^5 tiny steps; on a busy CPU one thread is many times
         # faster than a pool that spins up for each step.
@@ -611,10 +621,8 @@ class DefectModel:
         """
         if self._embedder is None:
             s = self.settings
-            pretrained = s.weights_id != "random-init"
-            net: Backbone = load_backbone(
-                s.backbone, self._weights or s.weights_path, pretrained=pretrained
-            )
+            pretrained = s.weights_id != RANDOM_WEIGHTS
+            net = _load_backbone(s.backbone, self._weights or s.weights_path, pretrained)
             if net.weights_id != s.weights_id:
                 msg = (
                     f"the {s.backbone} weights found (id {net.weights_id}) are not those this "

@@ -100,6 +100,25 @@ def _stages() -> Iterator[tuple[Callable[[str, int], None], Callable[[int], None
         yield on_stage, lambda n=1: current[0](n)
 
 
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads in torch and faiss (0 keeps their defaults).
+
+    On a CPU shared with other busy processes, one thread can be several times faster than a
+    pool whose threads wait for each other (measured: 0.39 s against 4.7 s per image).
+    """
+    if threads < 0:
+        raise ModelError(f"--threads {threads} must be 0 (the default) or more")
+    if threads:
+        import faiss
+        import torch
+
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+
+
+THREADS_HELP = "CPU threads for torch and faiss (0: their default; 1 is fastest on a busy CPU)."
+
+
 def _size_on_disk(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -145,9 +164,12 @@ def fit_command(
         None, "--cache", help="Feature cache folder (default $PATCHPROTO_CACHE or ~/.cache)."
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache."),
+    threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:
     """Fit a model from normal images and a few examples of each defect type."""
     from patchproto.cli import console
+
+    set_threads(threads)
 
     check_save_target(out)
     started = time.perf_counter()
@@ -272,9 +294,12 @@ def classify_command(
     batch_size: int = typer.Option(
         CLASSIFY_BATCH, "--batch-size", min=1, help="Images per forward pass (1: per-image timing)."
     ),
+    threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:
     """Name the defect type of each image, with its anomaly score and deciding patches."""
     from patchproto.cli import console, fail, progress_bar
+
+    set_threads(threads)
 
     defect_model = DefectModel.load(model, weights=weights)
     defect_model.embedder()
@@ -524,10 +549,13 @@ def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for data, model, report."),
     seed: int = typer.Option(0, "--seed", help="Seeds the synthetic set and the model."),
     episodes: int = typer.Option(20, "--episodes", help="Episodes per K in the evaluation."),
+    threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:
     """Generate a synthetic defect set, fit, classify, evaluate and write OUT/report.md."""
     from patchproto.cli import console, progress_bar
     from patchproto.synthetic import write_synthetic_set
+
+    set_threads(threads)
 
     backbone = "efficientnet_lite0"
     console.print(f"Writing a synthetic defect set to {out / 'data'}", highlight=False)
