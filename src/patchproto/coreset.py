@@ -29,8 +29,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROJECTION_DIM = 128
 # Embeddings brought up to date per round of the lazy search (fastest in tests on real banks).
 _REFRESH_BATCH = 32
-# Embeddings refreshed within this many centers are brought up to date together.
-_RECENT_CENTERS = 256
 
 
 def random_projection(features: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
@@ -158,19 +156,14 @@ def _lazy_greedy(
                 new = int(candidates[0])
                 break
 
-            # Recently refreshed embeddings are measured apart, so that one embedding stale
-            # since long ago does not make the whole batch pay for every center since then.
-            recent = fresh[stale] > k + 1 - _RECENT_CENTERS
-            for group in (stale[recent], stale[~recent]):
-                if group.numel():
-                    oldest = int(fresh[group].min())
-                    squared = (
-                        norms[group, None]
-                        - 2.0 * points[group] @ centers[oldest : k + 1].T
-                        + center_norms[None, oldest : k + 1]
-                    )
-                    nearest = squared.clamp_min_(0.0).sqrt_().amin(dim=1)
-                    bound[group] = torch.minimum(bound[group], nearest)
+            oldest = int(fresh[stale].min())
+            squared = (
+                norms[stale, None]
+                - 2.0 * points[stale] @ centers[oldest : k + 1].T
+                + center_norms[None, oldest : k + 1]
+            )
+            nearest = squared.clamp_min_(0.0).sqrt_().amin(dim=1)
+            bound[stale] = torch.minimum(bound[stale], nearest)
             fresh[stale] = k + 1
 
             # An up-to-date leader wins once no bound outside the batch can exceed it.
