@@ -16,7 +16,6 @@ as the plain algorithm's while a step touches a few dozen embeddings instead of 
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Callable
@@ -48,30 +47,6 @@ def coreset_size(n: int, ratio: float) -> int:
     return max(1, min(n, int(round(n * ratio))))
 
 
-def _single_threaded(function: Callable) -> Callable:
-    """Run ``function`` with one torch thread, restoring the setting afterwards.
-
-    The search is tens of thousands of steps of small tensor operations. With several threads
-    each step pays a synchronisation, and on a machine whose cores are busy with other work the
-    threads wait for each other: a 10% coreset of 670,000 patches took over ten times longer
-    with two threads than with one on a shared two-core machine.
-    """
-
-    # NOTE: the thread count is process-wide, so torch work in other Python threads of the same
-    # process also runs on one thread while a coreset is being selected.
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return function(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-
-    return wrapper
-
-
-@_single_threaded
 @torch.inference_mode()
 def greedy_coreset(
     features: torch.Tensor,
