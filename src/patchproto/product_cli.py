@@ -12,6 +12,7 @@ import csv
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 import typer
 
 from patchproto.backbones import BACKBONES, WeightsError
@@ -496,6 +498,8 @@ def _markdown_report(facts: dict[str, Any]) -> str:
         f"| Fit time | {facts['fit_s']:.1f} s |",
         f"| Model size on disk | {facts['size_mb']:.1f} MB |",
         f"| Queries above the normal threshold | {facts['anomalous']} of {facts['total']} |",
+        f"| CPU | {facts['cpus']} cores, {facts['threads']} thread(s), load average "
+        f"{facts['load']:.1f} at the start |",
         "",
         "## Per type",
         "",
@@ -549,7 +553,7 @@ def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for data, model, report."),
     seed: int = typer.Option(0, "--seed", help="Seeds the synthetic set and the model."),
     episodes: int = typer.Option(20, "--episodes", help="Episodes per K in the evaluation."),
-    threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
+    threads: int = typer.Option(1, "--threads", help=THREADS_HELP),
 ) -> None:
     """Generate a synthetic defect set, fit, classify, evaluate and write OUT/report.md."""
     from patchproto.cli import console, progress_bar
@@ -558,6 +562,7 @@ def demo_command(
     set_threads(threads)
 
     backbone = "efficientnet_lite0"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     console.print(f"Writing a synthetic defect set to {out / 'data'}", highlight=False)
     data = write_synthetic_set(out / "data", seed=seed)
 
@@ -627,6 +632,9 @@ def demo_command(
         "per_type": per_type,
         "evaluation": evaluation,
         "overlays": overlays,
+        "cpus": os.cpu_count(),
+        "threads": threads or torch.get_num_threads(),
+        "load": load,
     }
     report = out / "report.md"
     report.write_text(_markdown_report(facts), encoding="utf-8")
