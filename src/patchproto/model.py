@@ -982,6 +982,10 @@ class DefectModel:
         Raises:
             ModelError: ``folder`` exists and is something other than a model or an empty folder.
         """
+        # NOTE: there is no lock between processes: two saves to one folder at the same time
+        # each leave a complete model, but the later rename wins and the other's edit is lost.
+        # A process killed while writing leaves a hidden ``.<name>.saving-*`` folder beside the
+        # model; it is never read and can be deleted.
         target = check_save_target(folder)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.saving-"))
