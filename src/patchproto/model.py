@@ -40,8 +40,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -339,17 +338,6 @@ def _load_backbone(name: str, weights: str | Path | None, pretrained: bool) -> B
         return load_backbone(name, pretrained=False)
 
 
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread, then restore the previous count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _fsync_dir(folder: Path) -> None:
     try:
         handle = os.open(folder, os.O_RDONLY)
@@ -530,10 +518,7 @@ class DefectModel:
         bank = MemoryBank(coreset_ratio=coreset_ratio, seed=seed)
         if on_stage is not None:
             on_stage("coreset", coreset_size(len(patches), coreset_ratio))
-        # NOTE: the greedy coreset is ~10^5 tiny steps; on a busy CPU one thread is many times
-        # faster than a pool that spins up for each step.
-        with _single_thread():
-            bank.fit(patches, on_step)
+        bank.fit(patches, on_step)
         del patches
         logger.info("Memory bank: %d patch embeddings", len(bank.embeddings))
 
