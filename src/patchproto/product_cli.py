@@ -163,7 +163,7 @@ def fit_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seeds the held-back split and the coreset."),
     cache: Path | None = typer.Option(
-        None, "--cache", help="Feature cache folder (default $PATCHPROTO_CACHE or ~/.cache)."
+        None, "--cache-dir", help="Feature cache folder (default $PATCHPROTO_CACHE or ~/.cache)."
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
