@@ -9,9 +9,10 @@ Detection" (CVPR 2022), Section 4.1.
 Pixel AUROC is computed at the network input size (224 x 224 by default) on the images as the
 network sees them: the anomaly map of the resized image against its mask resized with nearest
 neighbour. ``test/good`` images count as all-zero masks. A defective image without a mask file,
-or with an empty mask (a defect that was not localised), is left out of the pixel AUROC and
-listed: counting it as all-zero would mark its defect pixels as normal and punish a map that
-finds them. It still counts for the image AUROC.
+or whose mask has no defect pixel at that size (an empty mask: the defect was not localised; or
+a mask of a pixel or two that the resizing drops), is left out of the pixel AUROC and listed in
+``pixel_auroc_excluded``: counting it as all-zero would mark its defect pixels as normal and
+punish a map that finds them. It still counts for the image AUROC.
 
 Unreadable images are logged, skipped and listed in ``detection.json``; they never stop the run.
 """
@@ -205,8 +206,13 @@ def detect_category(
             chunk = samples[start : start + step]
             embedded, bad = _embed_paths(cache, [s.path for s in chunk], advance)
             skipped.extend(bad)
-            for index, embedding in embedded:
-                scores = bank.patch_scores(embedding.patches)
+            if not embedded:
+                continue
+            # One search per batch: each search call pays a thread start-up in faiss.
+            patches = torch.cat([embedding.patches for _, embedding in embedded])
+            sizes = [embedding.patches.shape[0] for _, embedding in embedded]
+            batch_scores = bank.patch_scores(patches).split(sizes)
+            for (index, embedding), scores in zip(embedded, batch_scores, strict=True):
                 heatmap = anomaly_map(scores, embedding.grid, (size, size)).astype(np.float32)
                 scored.append(_Scored(chunk[index], image_score(scores), heatmap))
     scored_at = time.perf_counter()
