@@ -14,13 +14,14 @@ from typer.testing import CliRunner
 from patchproto import backbones
 from patchproto.cache import FeatureCache
 from patchproto.cli import app
-from patchproto.datasets import load_mvtec
+from patchproto.datasets import DatasetError, load_mvtec
 from patchproto.embedding import PatchEmbedder
 from patchproto.evaluation import (
     EvaluationConfig,
     MethodResult,
     ci95,
     paired_comparison,
+    position_statistics,
     prepare_category,
     run_evaluation,
 )
@@ -204,6 +205,7 @@ def test_cli_evaluate_runs_with_a_backbone_by_name(
         ("--shots", "0", "shots [0]"),
         ("--episodes", "0", "--episodes 0"),
         ("--gamma", "1.5", "gamma=1.5"),
+        ("--score-norm", "pixel", "--score-norm 'pixel'"),
     ],
 )
 def test_cli_evaluate_rejects_bad_input(tiny_root, tmp_path, option, value, expected):
@@ -235,3 +237,27 @@ def test_cli_evaluate_reports_a_missing_data_root(tmp_path, monkeypatch, random_
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "no such folder" in result.output
+
+
+def test_position_normalisation_standardises_scores_by_held_back_normal_images(
+    tiny_root, cache, tmp_path, make_category
+):
+    (category,) = load_mvtec(tiny_root)
+    raw = prepare_category(category, cache, ["patchproto"])
+    normed = prepare_category(category, cache, ["patchproto"], score_norm="position")
+    assert normed.info["score_norm"] == "position"
+    mean, std = position_statistics(
+        [torch.tensor([1.0, 5.0]), torch.tensor([3.0, 5.0]), torch.tensor([2.0, 5.0])]
+    )
+    assert mean.tolist() == [2.0, 5.0] and std[0] == 1.0 and std[1] > 0
+    for before, after in zip(raw.features, normed.features, strict=True):
+        assert not torch.allclose(before.patch_scores, after.patch_scores)
+    # A monotone map per position: the ranking of one position across images is kept.
+    first = torch.stack([f.patch_scores[0] for f in raw.features])
+    second = torch.stack([f.patch_scores[0] for f in normed.features])
+    assert torch.equal(first.argsort(), second.argsort())
+
+    lonely = make_category(tmp_path / "lonely", "bare", n_good=0, defects={"a": 2, "b": 2})
+    (bare,) = load_mvtec(lonely)
+    with pytest.raises(DatasetError, match="test/good"):
+        prepare_category(bare, cache, ["patchproto"], score_norm="position")

@@ -15,6 +15,7 @@ from patchproto.embedding import DEFAULT_IMAGE_SIZE
 from patchproto.evaluation import (
     DEFAULT_EPISODES,
     DEFAULT_SHOTS,
+    SCORE_NORMS,
     EvaluationConfig,
     check_methods,
     check_shots,
@@ -92,6 +93,18 @@ def common_config(
     )
 
 
+def check_score_norm(value: str) -> str:
+    """Validate ``--score-norm``.
+
+    Raises:
+        ValueError: Not one of :data:`patchproto.evaluation.SCORE_NORMS`.
+    """
+    if value not in SCORE_NORMS:
+        msg = f"--score-norm {value!r}: choose one of {', '.join(SCORE_NORMS)}"
+        raise ValueError(msg)
+    return value
+
+
 # Errors about the data or the weights, reported as one line rather than a traceback.
 DATA_ERRORS = (DatasetError, WeightsError, ImageError)
 
@@ -131,6 +144,12 @@ def evaluate_command(
         help="Feature cache folder (default: $PATCHPROTO_CACHE or ~/.cache/patchproto).",
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache."),
+    score_norm: str = typer.Option(
+        "none",
+        "--score-norm",
+        help="Patch scores for PatchProto: none (the paper) or position (standardised per grid "
+        "position by the test/good images, removing PatchCore's border bias).",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
 ) -> None:
     """Compare few-shot methods on seeded episodes; write results.json, report.md, PNGs."""
@@ -155,6 +174,7 @@ def evaluate_command(
             seed,
         )
         config.gamma, config.m, config.temperature = gamma, m, temperature
+        config.score_norm = check_score_norm(score_norm)
         effective_params(config)
     except ValueError as error:
         raise fail(str(error)) from error

@@ -180,7 +180,8 @@ def markdown(config: dict[str, Any], results: Sequence[CategoryResult]) -> str:
         f"{config['image_size']} px, coreset ratio {config['coreset_ratio']}, "
         f"{config['episodes']} episodes per category and K, seed {config['seed']}. "
         f"PatchProto: gamma {config['gamma']}, m {config['m']}, "
-        f"temperature {config['temperature']}. Data: `{config['data_root']}`.",
+        f"temperature {config['temperature']}, patch scores normalised: "
+        f"{config.get('score_norm', 'none')}. Data: `{config['data_root']}`.",
         "",
         "Accuracy in %, mean over episodes ± the half-width of its 95% interval "
         "(1.96 · s / √E). Averages over categories combine the categories' intervals as "

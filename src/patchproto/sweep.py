@@ -91,7 +91,14 @@ def run_sweep(
     found: dict[str, Any] = {}
     for category in categories:
         prepared = prepare_category(
-            category, cache, config.methods, config.coreset_ratio, config.seed, False, progress
+            category,
+            cache,
+            config.methods,
+            config.coreset_ratio,
+            config.seed,
+            False,
+            progress,
+            config.score_norm,
         )
         drawn = sample_episodes(prepared.labels, shots, config.episodes, config.seed, category.name)
         entry: dict[str, Any] = {
@@ -142,7 +149,8 @@ def sweep_markdown(document: dict[str, Any]) -> str:
         f"# PatchProto accuracy against gamma ({config['sweep_shots']}-shot)",
         "",
         f"Backbone `{config['backbone']}`, {config['episodes']} episodes, seed {config['seed']}, "
-        f"temperature {config['temperature']}, cap m = {config['m']}. Accuracy in % ± 95% "
+        f"temperature {config['temperature']}, patch scores normalised: "
+        f"{config.get('score_norm', 'none')}, cap m = {config['m']}. Accuracy in % ± 95% "
         "interval; `patches` is the mean number kept per image.",
         "",
     ]
@@ -240,11 +248,17 @@ def sweep_command(
         help="Feature cache folder (default: $PATCHPROTO_CACHE or ~/.cache/patchproto).",
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache."),
+    score_norm: str = typer.Option(
+        "none",
+        "--score-norm",
+        help="Patch scores for PatchProto: none (the paper) or position (standardised per grid "
+        "position by the test/good images, removing PatchCore's border bias).",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
 ) -> None:
     """PatchProto accuracy against gamma, with and without the cap m (Figure 3)."""
     from patchproto.cli import console, fail, progress_bar
-    from patchproto.evaluate_cli import DATA_ERRORS, common_config, parse_list
+    from patchproto.evaluate_cli import DATA_ERRORS, check_score_norm, common_config, parse_list
 
     started = time.perf_counter()
     try:
@@ -267,6 +281,7 @@ def sweep_command(
             seed,
         )
         config.temperature = temperature
+        config.score_norm = check_score_norm(score_norm)
         for gamma in values:
             check_selection_params(
                 gamma, m, DEFAULT_TEMPERATURE if temperature is None else temperature
