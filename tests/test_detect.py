@@ -252,5 +252,6 @@ def test_magnetic_tile_subset(tmp_path: Path, data_root: Path) -> None:
 
     entry = report["categories"]["magnetic_tile"]
     assert entry["counts"]["test"] == {"good": 10, "blowhole": 10, "fray": 10}
+    # Measured 0.795 and 0.969 on this slice; a 40-image bank is far from the full run's 0.91.
     assert entry["image_auroc"] >= 0.7
-    assert entry["pixel_auroc"] >= 0.8
+    assert entry["pixel_auroc"] >= 0.9
