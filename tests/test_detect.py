@@ -80,6 +80,24 @@ def test_overlays_are_written(tmp_path: Path, mvtec_root: Path, random_backbone)
     assert not list(out.rglob("*.tmp"))
 
 
+def test_options_reach_the_bank(tmp_path: Path, mvtec_root: Path, random_backbone) -> None:
+    report = _run(
+        mvtec_root,
+        tmp_path / "out",
+        random_backbone,
+        categories=["widget"],
+        dim=64,
+        coreset_ratio=0.5,
+        approximate=True,
+    )
+
+    widget = report["categories"]["widget"]
+    assert widget["config"]["dim"] == widget["config"]["dim_requested"] == 64
+    assert widget["config"]["approximate"] is True
+    assert widget["config"]["bank_size"] == 192
+    assert 0.0 <= widget["image_auroc"] <= 1.0
+
+
 def test_unreadable_images_are_skipped_and_listed(
     tmp_path: Path, mvtec_root: Path, random_backbone
 ) -> None:

@@ -391,7 +391,9 @@ def detect_command(
     ),
     approximate: bool = typer.Option(False, "--approximate", help="HNSW search, not exact."),
     cache_dir: Path | None = typer.Option(
-        None, "--cache-dir", help="Feature cache folder [default: $PATCHPROTO_CACHE or ~/.cache]."
+        None,
+        "--cache-dir",
+        help="Feature cache folder (default: $PATCHPROTO_CACHE, else ~/.cache/patchproto).",
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
