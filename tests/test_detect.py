@@ -199,7 +199,7 @@ def cli(monkeypatch, random_backbone) -> CliRunner:
 def test_command_runs_and_prints_a_table(tmp_path: Path, mvtec_root: Path, cli) -> None:
     out = tmp_path / "out"
     args = ["detect", str(mvtec_root), "-c", "widget", "--backbone", "resnet18"]
-    args += ["--image-size", "64", "--no-cache", "--out", str(out)]
+    args += ["--image-size", "64", "--no-cache", "--threads", "1", "--out", str(out)]
 
     result = cli.invoke(app, args)
 
@@ -228,6 +228,7 @@ def test_command_uses_the_cache_folder(tmp_path, mvtec_root, cli, monkeypatch) -
         (["--backbone", "resnet18", "--coreset-ratio", "0"], "--coreset-ratio"),
         (["--backbone", "resnet18", "--image-size", "100"], "--image-size"),
         (["--backbone", "resnet18", "--category", "sprocket"], "sprocket"),
+        (["--backbone", "resnet18", "--threads", "-1"], "--threads"),
     ],
 )
 def test_command_errors_are_clean(tmp_path, mvtec_root, cli, extra, expected) -> None:

@@ -396,12 +396,18 @@ def detect_command(
         help="Feature cache folder (default: $PATCHPROTO_CACHE, else ~/.cache/patchproto).",
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache."),
+    threads: int = typer.Option(
+        0,
+        "--threads",
+        help="CPU threads for torch and faiss (0: their default; 1 is fastest on a busy CPU).",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
 ) -> None:
     """Detect anomalies with PatchCore and report image and pixel AUROC per category."""
     from rich.table import Table
 
     from patchproto.cli import console, fail, progress_bar
+    from patchproto.product_cli import set_threads
 
     if backbone not in BACKBONES:
         raise fail(f"unknown backbone {backbone!r}. Choose one of: {', '.join(BACKBONES)}")
@@ -411,6 +417,9 @@ def detect_command(
         raise fail(f"--image-size {image_size} must be a multiple of 16 and at least 32")
     if dim is not None and dim < 1:
         raise fail(f"--dim {dim} must be a positive number of channels")
+    if threads < 0:
+        raise fail(f"--threads {threads} must be 0 (the default) or more")
+    set_threads(threads)
     folder = None if no_cache else (cache_dir or default_cache_dir())
 
     started = time.perf_counter()
