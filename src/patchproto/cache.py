@@ -110,7 +110,9 @@ class FeatureCache:
         step = self.embedder.batch_size
         for start in range(0, len(todo), step):
             indices = todo[start : start + step]
-            batch = [images[i] if isinstance(images[i], Image.Image) else images[i]() for i in indices]
+            batch = [
+                images[i] if isinstance(images[i], Image.Image) else images[i]() for i in indices
+            ]
             for index, embedding in zip(indices, self.embedder.embed(batch), strict=True):
                 self._write(keys[index], embedding)
                 found[index] = embedding
@@ -133,7 +135,9 @@ class FeatureCache:
             try:
                 contents.append(Path(path).read_bytes())
             except OSError as error:
-                raise ImageError(path, f"cannot read the file ({error})", "Check the path") from error
+                raise ImageError(
+                    path, f"cannot read the file ({error})", "Check the path"
+                ) from error
 
         def loader(data: bytes, name: str) -> Callable[[], Image.Image]:
             return lambda: load_image(data, name=name)
@@ -141,4 +145,3 @@ class FeatureCache:
         loaders = [loader(d, str(p)) for d, p in zip(contents, paths, strict=True)]
         keys = [content_key(d) for d in contents]
         return self.embed_images(loaders, keys, on_image)
-

@@ -37,7 +37,9 @@ class ImageError(ValueError):
 
 def is_image_file(path: Path) -> bool:
     """Whether ``path`` is a regular file with an image suffix (hidden files excluded)."""
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    return (
+        path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    )
 
 
 def list_images(folder: Path) -> list[Path]:
