@@ -24,8 +24,6 @@ Decisions the paper leaves open:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import platform
 import time
@@ -802,12 +800,6 @@ def config_record(
     }
     record.update(extra or {})
     return record
-
-
-def config_hash(record: dict[str, Any]) -> str:
-    """A short digest of a configuration, for telling runs apart."""
-    stable = {k: v for k, v in record.items() if k not in ("cache_dir",)}
-    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def make_cache(config: EvaluationConfig) -> FeatureCache:
