@@ -167,6 +167,18 @@ def test_sweep_writes_points_for_each_gamma_capped_and_not(tiny_root, cache, tmp
     assert "| gamma |" in (tmp_path / "sweep" / "sweep.md").read_text()
     assert (tmp_path / "sweep" / "sweep.png").read_bytes().startswith(PNG_MAGIC)
 
+    # The uncapped curve can be limited to cheap thresholds.
+    fewer = run_sweep(
+        _config(tiny_root, episodes=2), [0.0, 1.0], m=3, cache=cache, uncapped_gammas=[0.0]
+    )
+    assert {(p["gamma"], p["m"]) for p in fewer["categories"]["widget"]["points"]} == {
+        (0.0, None),
+        (0.0, 3),
+        (1.0, 3),
+    }
+    write_sweep(tmp_path / "fewer", fewer)
+    assert "not run" in (tmp_path / "fewer" / "sweep.md").read_text()
+
 
 def test_cli_evaluate_runs_with_a_backbone_by_name(
     tiny_root, tmp_path, monkeypatch, random_backbone

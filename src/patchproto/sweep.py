@@ -59,6 +59,7 @@ def run_sweep(
     shots: int = 1,
     cache: FeatureCache | None = None,
     progress: ProgressFactory = no_progress,
+    uncapped_gammas: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Score PatchProto for every ``gamma``, uncapped and capped at ``m``, per category.
 
@@ -69,6 +70,9 @@ def run_sweep(
         shots: K (the paper's Figure 3 is 1-shot).
         cache: A ready feature cache; built from ``config`` when ``None``.
         progress: Progress factory.
+        uncapped_gammas: The thresholds of the uncapped curve; all of ``gammas`` when ``None``.
+            An uncapped high ``gamma`` can keep hundreds of patches per image, and Equation 1
+            compares every query patch with every support patch, so those points cost minutes.
 
     Returns:
         ``{"config", "categories": {name: {"ways", "left_out", "baseline", "points"}}}`` where
@@ -82,7 +86,8 @@ def run_sweep(
 
     started = time.perf_counter()
     temperature = config.temperature if config.temperature is not None else DEFAULT_TEMPERATURE
-    for gamma in gammas:
+    uncapped = list(gammas if uncapped_gammas is None else uncapped_gammas)
+    for gamma in [*gammas, *uncapped]:
         check_selection_params(gamma, m, temperature)
     categories = load_mvtec(Path(config.data_root), config.categories or None)
     cache = cache or make_cache(config)
@@ -111,12 +116,12 @@ def run_sweep(
         if drawn.skipped:
             continue
         scores = [f.patch_scores for f in prepared.features]
-        total = len(drawn.episodes) * (2 * len(gammas) + 1)
+        total = len(drawn.episodes) * (len(gammas) + len(uncapped) + 1)
         with progress(f"{category.name}: gamma sweep", total) as advance, single_thread():
             baseline = run_method(prepared, drawn, BASELINE, on_episode=advance)
             entry["baseline"] = {"accuracy": baseline.mean, "ci95": baseline.ci95}
-            for cap in (None, m):
-                for gamma in gammas:
+            for cap, values in ((None, uncapped), (m, gammas)):
+                for gamma in values:
                     params = {"gamma": gamma, "m": cap, "temperature": temperature}
                     result = run_method(prepared, drawn, OURS, params, advance)
                     entry["points"].append(
@@ -130,6 +135,7 @@ def run_sweep(
                     )
     extra = {
         "gammas": list(gammas),
+        "uncapped_gammas": uncapped,
         "m": m,
         "sweep_shots": shots,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -169,13 +175,17 @@ def sweep_markdown(document: dict[str, Any]) -> str:
         ]
         uncapped = {p["gamma"]: p for p in entry["points"] if p["m"] is None}
         capped = {p["gamma"]: p for p in entry["points"] if p["m"] is not None}
-        for gamma in config["gammas"]:
-            a, b = uncapped[gamma], capped[gamma]
-            lines.append(
-                f"| {gamma:g} | {_percent(a['accuracy'])} ± {_percent(a['ci95'])} | "
-                f"{a['patches']:.1f} | {_percent(b['accuracy'])} ± {_percent(b['ci95'])} | "
-                f"{b['patches']:.1f} |"
-            )
+        for gamma in sorted({*uncapped, *capped}):
+            cells = []
+            for point in (uncapped.get(gamma), capped.get(gamma)):
+                if point is None:
+                    cells += ["not run", ""]
+                    continue
+                cells += [
+                    f"{_percent(point['accuracy'])} ± {_percent(point['ci95'])}",
+                    f"{point['patches']:.1f}",
+                ]
+            lines.append(f"| {gamma:g} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -194,6 +204,8 @@ def sweep_figure(document: dict[str, Any]) -> bytes:
     for ax, (name, entry) in zip(axes[0], entries.items(), strict=False):
         for cap, style in ((None, "o-"), (config["m"], "s-")):
             points = [p for p in entry["points"] if p["m"] == cap]
+            if not points:
+                continue
             x = np.array([p["gamma"] for p in points])
             y = np.array([100 * p["accuracy"] for p in points])
             ci = np.array([100 * (p["ci95"] or 0.0) for p in points])
@@ -231,6 +243,12 @@ def sweep_command(
         ",".join(f"{g:g}" for g in DEFAULT_GAMMAS), "--gammas", help="Thresholds, comma-separated."
     ),
     m: int = typer.Option(32, "--m", help="The patch cap of the capped curve."),
+    uncapped_gammas: str | None = typer.Option(
+        None,
+        "--uncapped-gammas",
+        help="Thresholds of the uncapped curve (default: --gammas; 'none' for no curve). "
+        "High uncapped values can keep hundreds of patches and take minutes per point.",
+    ),
     shots: int = typer.Option(1, "--shots", help="K (Figure 3 of the paper is 1-shot)."),
     episodes: int = typer.Option(100, "--episodes", "-e", help="Episodes per category."),
     seed: int = typer.Option(0, "--seed", help="Seeds the episodes and the coreset."),
@@ -263,6 +281,12 @@ def sweep_command(
     started = time.perf_counter()
     try:
         values = parse_list(gammas, float, "--gammas")
+        if uncapped_gammas is None:
+            unbounded = values
+        elif uncapped_gammas.strip().lower() == "none":
+            unbounded = []
+        else:
+            unbounded = parse_list(uncapped_gammas, float, "--uncapped-gammas")
         if not values:
             raise ValueError(f"--gammas {gammas!r}: give at least one value in [0, 1]")
         config = common_config(
@@ -282,14 +306,16 @@ def sweep_command(
         )
         config.temperature = temperature
         config.score_norm = check_score_norm(score_norm)
-        for gamma in values:
+        for gamma in [*values, *unbounded]:
             check_selection_params(
                 gamma, m, DEFAULT_TEMPERATURE if temperature is None else temperature
             )
     except ValueError as error:
         raise fail(str(error)) from error
     try:
-        document = run_sweep(config, values, m, shots, progress=progress_bar)
+        document = run_sweep(
+            config, values, m, shots, progress=progress_bar, uncapped_gammas=unbounded
+        )
     except DATA_ERRORS as error:
         raise fail(str(error)) from error
     write_sweep(out, document)
