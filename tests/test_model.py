@@ -369,3 +369,20 @@ def test_random_weight_models_reload_identically(data, tmp_path: Path) -> None:
     loaded = DefectModel.load(model.save(tmp_path / "model"))
     before, after = model.classify(queries(data)[0]), loaded.classify(queries(data)[0])
     assert [e.distance for e in after.ranking] == [e.distance for e in before.ranking]
+
+
+def test_first_classifications_from_several_threads_agree(saved: Path, data) -> None:
+    # A freshly loaded model builds its backbone, bank index and support set on first use;
+    # threads arriving together must all get the one-at-a-time answer. (The interleaving that
+    # once broke this falls between two statements, so this run does not always reach it.)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def outcome(model: DefectModel) -> dict:
+        found = model.classify(queries(data)[0]).to_dict()
+        found.pop("timing")
+        return found
+
+    model = DefectModel.load(saved)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: outcome(model), range(8)))
+    assert results == [outcome(DefectModel.load(saved))] * 8

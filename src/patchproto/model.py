@@ -39,6 +39,7 @@ import random
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -424,6 +425,8 @@ class DefectModel:
         self._embedder: PatchEmbedder | None = None
         self._method: PatchProtoNetworks | None = None
         self._support_index: list[tuple[str, Example]] = []
+        # Guards the lazily built parts, so concurrent classifications build each once.
+        self._lazy_lock = threading.RLock()
 
     # -- fitting -------------------------------------------------------------------------------
 
@@ -593,9 +596,10 @@ class DefectModel:
     # -- lazily built parts --------------------------------------------------------------------
 
     def _memory_bank(self) -> MemoryBank:
-        if self._bank is None:
-            self._bank = MemoryBank(coreset_ratio=1.0).load(self.memory_bank)
-        return self._bank
+        with self._lazy_lock:
+            if self._bank is None:
+                self._bank = MemoryBank(coreset_ratio=1.0).load(self.memory_bank)
+            return self._bank
 
     def embedder(self) -> PatchEmbedder:
         """The patch embedder (the backbone is loaded on first use and kept).
@@ -604,40 +608,43 @@ class DefectModel:
             ModelError: The backbone's weights differ from those the model was fitted with.
             WeightsError: The weights cannot be found.
         """
-        if self._embedder is None:
-            s = self.settings
-            pretrained = s.weights_id != RANDOM_WEIGHTS
-            net = _load_backbone(s.backbone, self._weights or s.weights_path, pretrained)
-            if net.weights_id != s.weights_id:
-                msg = (
-                    f"the {s.backbone} weights found (id {net.weights_id}) are not those this "
-                    f"model was fitted with (id {s.weights_id}). Pass the original weights file "
-                    f"with --weights, or {REFIT_FIX[0].lower() + REFIT_FIX[1:]}"
-                )
-                raise ModelError(msg)
-            self._embedder = PatchEmbedder(net, image_size=s.image_size, dim=s.dim)
-        return self._embedder
+        with self._lazy_lock:
+            if self._embedder is None:
+                s = self.settings
+                pretrained = s.weights_id != RANDOM_WEIGHTS
+                net = _load_backbone(s.backbone, self._weights or s.weights_path, pretrained)
+                if net.weights_id != s.weights_id:
+                    msg = (
+                        f"the {s.backbone} weights found (id {net.weights_id}) are not those "
+                        f"this model was fitted with (id {s.weights_id}). Pass the original "
+                        f"weights file with --weights, or {REFIT_FIX[0].lower() + REFIT_FIX[1:]}"
+                    )
+                    raise ModelError(msg)
+                self._embedder = PatchEmbedder(net, image_size=s.image_size, dim=s.dim)
+            return self._embedder
 
     def _support(self) -> tuple[PatchProtoNetworks, list[tuple[str, Example]]]:
-        if self._method is None:
-            if not self.examples:
-                raise ModelError("the model has no defect types. Add examples with add-example")
-            names = self.type_names
-            index = [(t, e) for t in names for e in self.examples[t]]
-            features = [
-                ImageFeatures(f"{t}/{e.name}", e.patches, e.grid, e.patch_scores, e.pooled)
-                for t, e in index
-            ]
-            labels = [names.index(t) for t, _ in index]
-            s = self.settings
-            method = PatchProtoNetworks(gamma=s.gamma, m=s.m, temperature=s.temperature)
-            self._method = method.fit(features, labels)
-            self._support_index = index
-        return self._method, self._support_index
+        with self._lazy_lock:
+            if self._method is None:
+                if not self.examples:
+                    raise ModelError("the model has no defect types. Add examples with add-example")
+                names = self.type_names
+                index = [(t, e) for t in names for e in self.examples[t]]
+                features = [
+                    ImageFeatures(f"{t}/{e.name}", e.patches, e.grid, e.patch_scores, e.pooled)
+                    for t, e in index
+                ]
+                labels = [names.index(t) for t, _ in index]
+                s = self.settings
+                method = PatchProtoNetworks(gamma=s.gamma, m=s.m, temperature=s.temperature)
+                self._support_index = index
+                self._method = method.fit(features, labels)
+            return self._method, self._support_index
 
     def _changed(self) -> None:
-        self._method = None
-        self._support_index = []
+        with self._lazy_lock:
+            self._method = None
+            self._support_index = []
 
     # -- examples ------------------------------------------------------------------------------
 

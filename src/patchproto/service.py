@@ -222,9 +222,8 @@ class ModelStore:
         self._prepare()
 
     def _prepare(self) -> None:
-        # NOTE: DefectModel builds its backbone, memory bank index and support set lazily on
-        # the first classification, and two threads doing that at once can see a half-built
-        # support set. One classification while no reader runs builds them all up front.
+        # DefectModel builds its backbone, memory bank index and support set on first use; one
+        # classification up front keeps that wait out of the first user's request.
         try:
             self.model.classify(Image.new("RGB", (32, 32), (128, 128, 128)), name="warm-up")
         except ModelError as error:
