@@ -15,8 +15,12 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from patchproto import detect
+from patchproto.cache import FeatureCache
 from patchproto.cli import app
+from patchproto.datasets import load_mvtec
 from patchproto.detect import RESULTS_FILE, run_detection
+from patchproto.embedding import PatchEmbedder
+from patchproto.evaluation import memory_bank
 
 
 def _run(root: Path, out: Path, backbone, **options) -> dict:
@@ -180,6 +184,21 @@ def test_cache_is_reused_between_runs(tmp_path: Path, mvtec_root: Path, random_b
     assert first["categories"]["widget"]["image_auroc"] == pytest.approx(
         second["categories"]["widget"]["image_auroc"]
     )
+    assert not first["categories"]["widget"]["config"]["bank_cached"]
+    assert second["categories"]["widget"]["config"]["bank_cached"]
+
+
+def test_the_memory_bank_is_shared_with_the_evaluation(
+    tmp_path: Path, mvtec_root: Path, random_backbone
+) -> None:
+    report = _run(mvtec_root, tmp_path / "a", random_backbone, categories=["widget"])
+    (category,) = load_mvtec(mvtec_root, ["widget"])
+    cache = FeatureCache(PatchEmbedder(random_backbone, 64), tmp_path / "cache")
+    shared = memory_bank(category, cache)
+    assert shared.cached
+    assert shared.bank.embeddings.shape[0] == report["categories"]["widget"]["config"]["bank_size"]
+    # Another coreset ratio is another bank.
+    assert not memory_bank(category, cache, coreset_ratio=0.5).cached
 
 
 @pytest.fixture

@@ -14,18 +14,18 @@ from typer.testing import CliRunner
 from patchproto import backbones
 from patchproto.cache import FeatureCache
 from patchproto.cli import app
-from patchproto.datasets import DatasetError, load_mvtec
+from patchproto.datasets import load_mvtec
 from patchproto.embedding import PatchEmbedder
 from patchproto.evaluation import (
     EvaluationConfig,
     MethodResult,
     ci95,
     paired_comparison,
-    position_statistics,
     prepare_category,
     run_evaluation,
 )
 from patchproto.methods import METHODS
+from patchproto.patchcore import PositionNorm
 from patchproto.report import write_report
 from patchproto.sweep import run_sweep, write_sweep
 
@@ -255,13 +255,20 @@ def test_position_normalisation_standardises_scores_by_held_back_normal_images(
     tiny_root, cache, tmp_path, make_category
 ):
     (category,) = load_mvtec(tiny_root)
-    raw = prepare_category(category, cache, ["patchproto"])
+    raw = prepare_category(category, cache, ["patchproto"], score_norm="none")
     normed = prepare_category(category, cache, ["patchproto"], score_norm="position")
     assert normed.info["score_norm"] == "position"
-    mean, std = position_statistics(
+    norm = PositionNorm.from_scores(
         [torch.tensor([1.0, 5.0]), torch.tensor([3.0, 5.0]), torch.tensor([2.0, 5.0])]
     )
-    assert mean.tolist() == [2.0, 5.0] and std[0] == 1.0 and std[1] > 0
+    # The constant position's spread is floored at a tenth of the mean spread (here 0.5).
+    assert norm.mean.tolist() == [2.0, 5.0]
+    assert norm.std.tolist() == pytest.approx([1.0, 0.05])
+    assert norm(torch.tensor([4.0, 5.1])).tolist() == pytest.approx([2.0, 2.0])
+    with pytest.raises(ValueError, match="positions"):
+        norm(torch.ones(3))
+    with pytest.raises(ValueError, match="two or more"):
+        PositionNorm.from_scores([torch.ones(2)])
     for before, after in zip(raw.features, normed.features, strict=True):
         assert not torch.allclose(before.patch_scores, after.patch_scores)
     # A monotone map per position: the ranking of one position across images is kept.
@@ -271,5 +278,8 @@ def test_position_normalisation_standardises_scores_by_held_back_normal_images(
 
     lonely = make_category(tmp_path / "lonely", "bare", n_good=0, defects={"a": 2, "b": 2})
     (bare,) = load_mvtec(lonely)
-    with pytest.raises(DatasetError, match="test/good"):
-        prepare_category(bare, cache, ["patchproto"], score_norm="position")
+    fallback = prepare_category(bare, cache, ["patchproto"], score_norm="position")
+    assert fallback.info["score_norm"] == "none"
+    assert any("test/good" in note and "score_norm none" in note for note in fallback.notes)
+    with pytest.raises(ValueError, match="choose one of none, position"):
+        prepare_category(bare, cache, ["patchproto"], score_norm="global")

@@ -105,13 +105,23 @@ def equation1_loop(
 # --- PatchProto networks ---------------------------------------------------------------------
 
 
+# Support patch sets are padded to one length (and masked), or kept ragged and reduced by a
+# scatter, depending on their lengths; both layouts must give Equation 1.
+LAYOUTS = pytest.mark.parametrize("pad_slack", [0.0, 100.0], ids=["ragged", "padded"])
+
+
+@LAYOUTS
 @pytest.mark.parametrize(("gamma", "m", "normalize"), [(0.7, 5, True), (0.9, None, False)])
-def test_equation1_matches_a_direct_loop(gamma: float, m: int | None, normalize: bool) -> None:
+def test_equation1_matches_a_direct_loop(
+    gamma: float, m: int | None, normalize: bool, pad_slack: float, monkeypatch
+) -> None:
+    monkeypatch.setattr(patchproto_module, "_PAD_SLACK", pad_slack)
     support = random_images(7, seed=1)
     labels = [0, 1, 2, 0, 1, 2, 0]  # class 0 has three shots, the others two
     queries = random_images(5, seed=2)
     method = PatchProtoNetworks(gamma=gamma, m=m, normalize_weights=normalize)
     got = method.fit(support, labels).distances(queries)
+    assert method._padded == (pad_slack > 1)
     expected = torch.tensor(
         [equation1_loop(support, labels, q, gamma, m, normalize) for q in queries]
     )
@@ -169,7 +179,11 @@ def test_patchproto_sees_the_defect_where_pooled_features_see_the_background() -
     assert protonet.labels.tolist() == [1 - t for t in truth]  # fooled by the background
 
 
-def test_explain_reports_the_selected_patches_and_their_nearest_matches() -> None:
+@LAYOUTS
+def test_explain_reports_the_selected_patches_and_their_nearest_matches(
+    pad_slack: float, monkeypatch
+) -> None:
+    monkeypatch.setattr(patchproto_module, "_PAD_SLACK", pad_slack)
     support, labels, queries, _ = shared_background_task()
     method = PatchProtoNetworks(gamma=0.9, m=8).fit(support, labels)
     query = queries[0]

@@ -248,7 +248,7 @@ def test_version_mismatch_names_folder_versions_and_fix(model_dir: Path) -> None
         DefectModel.load(model_dir)
     message = str(info.value)
     assert str(model_dir) in message and "99" in message
-    assert f"version {FORMAT_VERSION}" in message and "patchproto fit" in message
+    assert f"versions 1 and {FORMAT_VERSION}" in message and "patchproto fit" in message
 
 
 @pytest.mark.parametrize("name", [MODEL_FILE, TENSORS_FILE, "example image"])
@@ -362,6 +362,68 @@ def test_fit_errors_name_the_folder(data, tmp_path: Path) -> None:
         fit_small(data, holdout=6)
     with pytest.raises(ModelError, match="gamma"):
         fit_small(data, gamma=1.5)
+
+
+def test_position_statistics_come_from_the_held_back_normal_images(
+    fitted: DefectModel, data, saved: Path
+) -> None:
+    assert fitted.settings.score_norm == "position"
+    norm = fitted.position_norm
+    assert norm is not None and norm.mean.shape == norm.std.shape == (64,)
+    # The mean of the held-back images' normalised patch scores is 0 at every position.
+    held = sorted(data.normal_dir.iterdir())
+    scores = [
+        fitted._memory_bank().patch_scores(e.patches)
+        for e in fitted.embedder().embed([Image.open(p).convert("RGB") for p in held])
+    ]
+    held_back = [s for s in scores if float(s.max()) in set(fitted.holdout_scores.tolist())]
+    assert len(held_back) == 2
+    assert torch.allclose(norm(torch.stack(held_back)).mean(dim=0), torch.zeros(64), atol=1e-4)
+    assert torch.equal(DefectModel.load(saved).position_norm.std, norm.std)
+
+
+def test_position_normalisation_changes_selection_not_the_anomaly_score(
+    fitted: DefectModel, data
+) -> None:
+    plain = fit_small(data, score_norm="none")
+    assert plain.position_norm is None
+    for path in queries(data):
+        a, b = fitted.classify(path), plain.classify(path)
+        assert a.anomaly_score == pytest.approx(b.anomaly_score)
+        assert np.allclose(a.heatmap, b.heatmap)
+        assert [p.score for p in a.deciding_patches] != [p.score for p in b.deciding_patches]
+
+
+def test_version_1_models_load_with_the_papers_scores(model_dir: Path, data) -> None:
+    index = json.loads((model_dir / MODEL_FILE).read_text())
+    index["format_version"] = 1
+    del index["settings"]["score_norm"]
+    (model_dir / MODEL_FILE).write_text(json.dumps(index))
+    model = DefectModel.load(model_dir)
+    assert model.settings.score_norm == "none" and model.position_norm is None
+    assert model.classify(queries(data)[0]).predicted_type in TYPES
+
+
+def test_missing_position_statistics_are_named(model_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(model_dir / TENSORS_FILE))
+    del tensors["position_std"]
+    save_file(tensors, str(model_dir / TENSORS_FILE))
+    index = json.loads((model_dir / MODEL_FILE).read_text())
+    digest = hashlib.sha256((model_dir / TENSORS_FILE).read_bytes()).hexdigest()
+    index["tensors"]["sha256"] = digest
+    (model_dir / MODEL_FILE).write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="position_std") as info:
+        DefectModel.load(model_dir)
+    assert TENSORS_FILE in str(info.value) and "patchproto fit" in str(info.value)
+
+
+def test_position_statistics_need_two_held_back_images(data) -> None:
+    with pytest.raises(ModelError, match="score-norm none"):
+        fit_small(data, holdout=1)
+    assert fit_small(data, holdout=1, score_norm="none").settings.holdout_images == 1
+    assert fit_small(data, holdout=0.01).settings.holdout_images == 2
 
 
 def test_random_weight_models_reload_identically(data, tmp_path: Path) -> None:

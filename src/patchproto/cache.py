@@ -53,6 +53,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def bank_key(
+    embedder_key: str,
+    image_keys: Sequence[str],
+    coreset_ratio: float,
+    seed: int,
+    projection_dim: int | None,
+) -> str:
+    """The cache key of a memory bank: the embedder, the normal images' contents (in any
+    order), the coreset ratio, its seed and its projection. ``detect`` and ``evaluate`` compute
+    the same key for the same ``train/good``, so the second one loads the first one's bank."""
+    parts = ["bank", embedder_key, *sorted(image_keys), f"{coreset_ratio}", f"{seed}"]
+    parts.append(f"{projection_dim}")
+    return content_key("\x1f".join(parts).encode("utf-8"))
+
+
 class FeatureCache:
     """Embeds images through a :class:`PatchEmbedder`, reusing earlier results from disk.
 
@@ -92,6 +107,26 @@ class FeatureCache:
             "grid": torch.tensor(embedding.grid, dtype=torch.int64),
         }
         atomic_write_bytes(entry, save(tensors))
+
+    def _bank_entry(self, key: str) -> Path | None:
+        return None if self.folder is None else self.folder / "banks" / f"{key}.safetensors"
+
+    def read_bank(self, key: str) -> torch.Tensor | None:
+        """The memory bank embeddings stored under ``key`` (see :func:`bank_key`), if any."""
+        entry = self._bank_entry(key)
+        if entry is None or not entry.is_file():
+            return None
+        try:
+            return load_file(str(entry))["embeddings"]
+        except (SafetensorError, KeyError, OSError, ValueError) as error:
+            logger.warning("Ignoring unreadable memory bank %s (%s); rebuilding", entry, error)
+            return None
+
+    def write_bank(self, key: str, embeddings: torch.Tensor) -> None:
+        """Store a memory bank's embeddings under ``key`` (nothing without a cache folder)."""
+        entry = self._bank_entry(key)
+        if entry is not None:
+            atomic_write_bytes(entry, save({"embeddings": embeddings.contiguous()}))
 
     def embed_images(
         self,

@@ -34,8 +34,15 @@ import torch
 import typer
 from sklearn.metrics import roc_auc_score
 
-from patchproto.backbones import BACKBONES, Backbone, WeightsError, load_backbone
-from patchproto.cache import FeatureCache, atomic_write_bytes, content_key, default_cache_dir
+from patchproto import options as opt
+from patchproto.backbones import Backbone, WeightsError, load_backbone
+from patchproto.cache import (
+    FeatureCache,
+    atomic_write_bytes,
+    bank_key,
+    content_key,
+    default_cache_dir,
+)
 from patchproto.coreset import DEFAULT_PROJECTION_DIM, coreset_size
 from patchproto.datasets import GOOD, Category, DatasetError, Sample, load_mvtec
 from patchproto.embedding import DEFAULT_IMAGE_SIZE, Embedding, PatchEmbedder
@@ -71,14 +78,15 @@ class _Scored:
 
 def _embed_paths(
     cache: FeatureCache, paths: Sequence[Path], advance: Advance
-) -> tuple[list[tuple[int, Embedding]], list[dict[str, str]]]:
+) -> tuple[list[tuple[int, Embedding]], list[dict[str, str]], list[str]]:
     """Embed files in batches, skipping (and reporting) those that cannot be read.
 
     Returns:
-        ``(index into paths, embedding)`` for every readable file, and ``{path, error}`` for
-        every skipped one.
+        ``(index into paths, embedding)`` for every readable file, ``{path, error}`` for
+        every skipped one, and the content key of every readable file.
     """
     embedded: list[tuple[int, Embedding]] = []
+    found_keys: list[str] = []
     skipped: list[dict[str, str]] = []
     step = cache.embedder.batch_size
     for start in range(0, len(paths), step):
@@ -99,7 +107,8 @@ def _embed_paths(
         if indices:
             embeddings = cache.embed_images(images, keys, on_image=advance)
             embedded.extend(zip(indices, embeddings, strict=True))
-    return embedded, skipped
+            found_keys.extend(keys)
+    return embedded, skipped, found_keys
 
 
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -179,23 +188,31 @@ def detect_category(
     hits, misses = cache.hits, cache.misses
 
     with progress(f"{category.name}: embedding train/good", len(category.train_good)) as advance:
-        train, skipped = _embed_paths(cache, category.train_good, advance)
+        train, skipped, train_keys = _embed_paths(cache, category.train_good, advance)
     if not train:
         msg = (
             f"{category.root / 'train' / GOOD}: none of the {len(category.train_good)} normal "
             "images could be read. Replace them with readable images"
         )
         raise DatasetError(msg)
-    normal = torch.cat([embedding.patches for _, embedding in train])
-    patch_count = normal.shape[0]
+    patch_count = sum(embedding.patches.shape[0] for _, embedding in train)
     embedded_at = time.perf_counter()
 
+    # The bank is shared through the cache with `evaluate` (same images, ratio and seed).
     bank = MemoryBank(coreset_ratio, approximate, DEFAULT_PROJECTION_DIM, seed)
-    count = coreset_size(normal.shape[0], coreset_ratio)
-    steps = count if count < normal.shape[0] else 0
-    with progress(f"{category.name}: coreset of {normal.shape[0]:,} patches", steps) as advance:
-        bank_size, bank_dim = bank.fit(normal, on_step=advance).embeddings.shape
-    del normal
+    key = bank_key(embedder.key, train_keys, coreset_ratio, seed, DEFAULT_PROJECTION_DIM)
+    stored = cache.read_bank(key)
+    if stored is not None:
+        bank.load(stored)
+    else:
+        normal = torch.cat([embedding.patches for _, embedding in train])
+        count = coreset_size(patch_count, coreset_ratio)
+        steps = count if count < patch_count else 0
+        with progress(f"{category.name}: coreset of {patch_count:,} patches", steps) as advance:
+            bank.fit(normal, on_step=advance)
+        del normal
+        cache.write_bank(key, bank.embeddings)
+    bank_size, bank_dim = bank.embeddings.shape
     fitted_at = time.perf_counter()
 
     samples = category.test_samples()
@@ -204,7 +221,7 @@ def detect_category(
         step = embedder.batch_size
         for start in range(0, len(samples), step):
             chunk = samples[start : start + step]
-            embedded, bad = _embed_paths(cache, [s.path for s in chunk], advance)
+            embedded, bad, _ = _embed_paths(cache, [s.path for s in chunk], advance)
             skipped.extend(bad)
             if not embedded:
                 continue
@@ -281,6 +298,7 @@ def detect_category(
             "dim_requested": embedder.dim,
             "coreset_ratio": coreset_ratio,
             "projection_dim": DEFAULT_PROJECTION_DIM,
+            "bank_cached": stored is not None,
             "approximate": approximate,
             "seed": seed,
             "bank_size": int(bank_size),
@@ -378,30 +396,18 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def detect_command(
-    root: Path = typer.Argument(..., help="MVTec AD layout root, or one category folder."),
-    category: list[str] | None = typer.Option(
-        None, "--category", "-c", help="Category to run (repeat for several); default all."
-    ),
-    backbone: str = typer.Option(..., "--backbone", "-b", help=f"One of {', '.join(BACKBONES)}."),
-    weights: Path | None = typer.Option(None, "--weights", help="Weights file for the backbone."),
-    image_size: int = typer.Option(DEFAULT_IMAGE_SIZE, "--image-size", help="Input side, px."),
-    dim: int | None = typer.Option(None, "--dim", help="Pool patch embeddings to N channels."),
-    coreset_ratio: float = typer.Option(
-        DEFAULT_CORESET_RATIO, "--coreset-ratio", help="Fraction of normal patches kept."
-    ),
+    root: opt.Root,
+    backbone: opt.Backbone,
+    out: opt.Out,
+    category: opt.Categories = None,
+    weights: opt.Weights = None,
+    image_size: opt.ImageSize = DEFAULT_IMAGE_SIZE,
+    dim: opt.Dim = None,
+    coreset_ratio: opt.CoresetRatio = DEFAULT_CORESET_RATIO,
     approximate: bool = typer.Option(False, "--approximate", help="HNSW search, not exact."),
-    cache_dir: Path | None = typer.Option(
-        None,
-        "--cache-dir",
-        help="Feature cache folder (default: $PATCHPROTO_CACHE, else ~/.cache/patchproto).",
-    ),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache."),
-    threads: int = typer.Option(
-        0,
-        "--threads",
-        help="CPU threads for torch and faiss (0: their default; 1 is fastest on a busy CPU).",
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    cache_dir: opt.CacheDir = None,
+    no_cache: opt.NoCache = False,
+    threads: opt.Threads = 0,
 ) -> None:
     """Detect anomalies with PatchCore and report image and pixel AUROC per category."""
     from rich.table import Table
@@ -409,16 +415,10 @@ def detect_command(
     from patchproto.cli import console, fail, progress_bar
     from patchproto.product_cli import set_threads
 
-    if backbone not in BACKBONES:
-        raise fail(f"unknown backbone {backbone!r}. Choose one of: {', '.join(BACKBONES)}")
-    if not 0 < coreset_ratio <= 1:
-        raise fail(f"--coreset-ratio {coreset_ratio} must be in (0, 1]")
-    if image_size < 32 or image_size % 16:
-        raise fail(f"--image-size {image_size} must be a multiple of 16 and at least 32")
-    if dim is not None and dim < 1:
-        raise fail(f"--dim {dim} must be a positive number of channels")
-    if threads < 0:
-        raise fail(f"--threads {threads} must be 0 (the default) or more")
+    try:
+        opt.check_embedding_options(backbone, coreset_ratio, image_size, dim, threads)
+    except ValueError as error:
+        raise fail(str(error)) from error
     set_threads(threads)
     folder = None if no_cache else (cache_dir or default_cache_dir())
 

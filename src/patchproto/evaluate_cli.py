@@ -8,14 +8,14 @@ from pathlib import Path
 
 import typer
 
-from patchproto.backbones import BACKBONES, WeightsError
+from patchproto import options as opt
+from patchproto.backbones import WeightsError
 from patchproto.cache import default_cache_dir
 from patchproto.datasets import DatasetError
 from patchproto.embedding import DEFAULT_IMAGE_SIZE
 from patchproto.evaluation import (
     DEFAULT_EPISODES,
     DEFAULT_SHOTS,
-    SCORE_NORMS,
     EvaluationConfig,
     check_methods,
     check_shots,
@@ -24,7 +24,7 @@ from patchproto.evaluation import (
 )
 from patchproto.images import ImageError
 from patchproto.methods import METHODS
-from patchproto.patchcore import DEFAULT_CORESET_RATIO
+from patchproto.patchcore import DEFAULT_CORESET_RATIO, DEFAULT_SCORE_NORM, SCORE_NORMS
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +64,7 @@ def common_config(
     Raises:
         ValueError: An option is out of range (the message names it).
     """
-    if backbone not in BACKBONES:
-        msg = f"unknown backbone {backbone!r}. Choose one of: {', '.join(BACKBONES)}"
-        raise ValueError(msg)
-    if not 0 < coreset_ratio <= 1:
-        raise ValueError(f"--coreset-ratio {coreset_ratio} must be in (0, 1]")
-    if image_size < 32 or image_size % 16:
-        raise ValueError(f"--image-size {image_size} must be a multiple of 16 and at least 32")
-    if dim is not None and dim < 1:
-        raise ValueError(f"--dim {dim} must be a positive number of channels")
+    opt.check_embedding_options(backbone, coreset_ratio, image_size, dim)
     if episodes < 1:
         raise ValueError(f"--episodes {episodes} must be at least 1")
     if seed < 0:
@@ -97,7 +89,7 @@ def check_score_norm(value: str) -> str:
     """Validate ``--score-norm``.
 
     Raises:
-        ValueError: Not one of :data:`patchproto.evaluation.SCORE_NORMS`.
+        ValueError: Not one of :data:`patchproto.patchcore.SCORE_NORMS`.
     """
     if value not in SCORE_NORMS:
         msg = f"--score-norm {value!r}: choose one of {', '.join(SCORE_NORMS)}"
@@ -110,12 +102,11 @@ DATA_ERRORS = (DatasetError, WeightsError, ImageError)
 
 
 def evaluate_command(
-    root: Path = typer.Argument(..., help="MVTec AD layout root, or one category folder."),
-    category: list[str] | None = typer.Option(
-        None, "--category", "-c", help="Category to run (repeat for several); default all."
-    ),
-    backbone: str = typer.Option(..., "--backbone", "-b", help=f"One of {', '.join(BACKBONES)}."),
-    weights: Path | None = typer.Option(None, "--weights", help="Weights file for the backbone."),
+    root: opt.Root,
+    backbone: opt.Backbone,
+    out: opt.Out,
+    category: opt.Categories = None,
+    weights: opt.Weights = None,
     shots: str = typer.Option(
         ",".join(map(str, DEFAULT_SHOTS)), "--shots", help="Values of K, comma-separated."
     ),
@@ -123,7 +114,9 @@ def evaluate_command(
     methods: str = typer.Option(
         ",".join(METHODS), "--methods", help="Methods to compare, comma-separated."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seeds the episodes and the coreset."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seeds the episodes (the coreset always uses seed 0, as in detect)."
+    ),
     gamma: float | None = typer.Option(
         None, "--gamma", help="PatchProto: share of anomaly score to cover (Algorithm 2)."
     ),
@@ -133,24 +126,12 @@ def evaluate_command(
     temperature: float | None = typer.Option(
         None, "--temperature", help="PatchProto: softmax temperature of the patch scores."
     ),
-    coreset_ratio: float = typer.Option(
-        DEFAULT_CORESET_RATIO, "--coreset-ratio", help="Fraction of normal patches kept."
-    ),
-    image_size: int = typer.Option(DEFAULT_IMAGE_SIZE, "--image-size", help="Input side, px."),
-    dim: int | None = typer.Option(None, "--dim", help="Pool patch embeddings to N channels."),
-    cache_dir: Path | None = typer.Option(
-        None,
-        "--cache-dir",
-        help="Feature cache folder (default: $PATCHPROTO_CACHE or ~/.cache/patchproto).",
-    ),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache."),
-    score_norm: str = typer.Option(
-        "none",
-        "--score-norm",
-        help="Patch scores for PatchProto: none (the paper) or position (standardised per grid "
-        "position by the test/good images, removing PatchCore's border bias).",
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    coreset_ratio: opt.CoresetRatio = DEFAULT_CORESET_RATIO,
+    image_size: opt.ImageSize = DEFAULT_IMAGE_SIZE,
+    dim: opt.Dim = None,
+    cache_dir: opt.CacheDir = None,
+    no_cache: opt.NoCache = False,
+    score_norm: opt.ScoreNorm = DEFAULT_SCORE_NORM,
 ) -> None:
     """Compare few-shot methods on seeded episodes; write results.json, report.md, PNGs."""
     from patchproto.cli import console, fail, progress_bar

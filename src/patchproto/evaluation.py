@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from patchproto.cache import FeatureCache, atomic_write_bytes, content_key
+from patchproto.cache import FeatureCache, atomic_write_bytes, bank_key, content_key
 from patchproto.coreset import DEFAULT_PROJECTION_DIM, coreset_size
 from patchproto.datasets import Category, DatasetError, Sample
 from patchproto.embedding import DEFAULT_IMAGE_SIZE, Embedding, PatchEmbedder
@@ -51,7 +51,14 @@ from patchproto.methods.masked import (
     segmentation_threshold,
     white_image,
 )
-from patchproto.patchcore import DEFAULT_CORESET_RATIO, MemoryBank, anomaly_map
+from patchproto.patchcore import (
+    DEFAULT_CORESET_RATIO,
+    DEFAULT_SCORE_NORM,
+    SCORE_NORMS,
+    MemoryBank,
+    PositionNorm,
+    anomaly_map,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +78,6 @@ OURS, BASELINE = "patchproto", "protonet"
 _NEEDS_SCORES = frozenset({"patchproto", "seg_proto"})
 _NEEDS_SEGMENTATION = frozenset({"seg_proto"})
 _NEEDS_GROUND_TRUTH = frozenset({"gt_proto"})
-# How the patch scores that the methods read are normalised (see prepare_category).
-SCORE_NORMS = ("none", "position")
 # Parameters of Algorithm 2, passed only to PatchProto.
 PATCHPROTO_PARAMS = ("gamma", "m", "temperature")
 # Images embedded per call to the feature cache while building the memory bank.
@@ -172,10 +177,6 @@ def _derived_key(*parts: str) -> str:
     return content_key("\x1f".join(parts).encode("utf-8"))
 
 
-def _bank_entry(cache: FeatureCache, key: str) -> Path | None:
-    return None if cache.folder is None else cache.folder / "banks" / f"{key}.safetensors"
-
-
 @dataclass
 class CachedBank:
     """A memory bank with its cache key; patch scores against it are cached too.
@@ -236,22 +237,11 @@ def memory_bank(
     the seed; a second run over the same images loads it instead of embedding them again.
     """
     keys = _file_keys(category.train_good)
-    bank_key = _derived_key(
-        "bank",
-        cache.embedder.key,
-        *sorted(keys),
-        f"{coreset_ratio}",
-        f"{seed}",
-        f"{DEFAULT_PROJECTION_DIM}",
-    )
-    entry = _bank_entry(cache, bank_key)
+    key = bank_key(cache.embedder.key, keys, coreset_ratio, seed, DEFAULT_PROJECTION_DIM)
     bank = MemoryBank(coreset_ratio, projection_dim=DEFAULT_PROJECTION_DIM, seed=seed)
-    if entry is not None and entry.is_file():
-        try:
-            bank.load(load_file(str(entry))["embeddings"])
-            return CachedBank(bank, bank_key, True, cache)
-        except (SafetensorError, KeyError, OSError, ValueError) as error:
-            logger.warning("Ignoring unreadable memory bank %s (%s); rebuilding", entry, error)
+    stored = cache.read_bank(key)
+    if stored is not None:
+        return CachedBank(bank.load(stored), key, True, cache)
 
     # Fill one preallocated matrix so that the normal patches are held in memory only once.
     paths = category.train_good
@@ -272,9 +262,8 @@ def memory_bank(
     with progress(f"{category.name}: coreset of {len(normal):,} patches", steps) as advance:
         bank.fit(normal, on_step=advance)
     del normal
-    if entry is not None:
-        atomic_write_bytes(entry, save({"embeddings": bank.embeddings.contiguous()}))
-    return CachedBank(bank, bank_key, False, cache)
+    cache.write_bank(key, bank.embeddings)
+    return CachedBank(bank, key, False, cache)
 
 
 def _needs(methods: Sequence[str]) -> tuple[bool, bool, bool]:
@@ -335,30 +324,6 @@ def _normal_threshold(
     return segmentation_threshold(maps)
 
 
-def position_statistics(
-    scores: Sequence[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of normal patch scores at each grid position.
-
-    PatchCore scores the patches at the image border higher than those inside, even on normal
-    images (on magnetic_tile with efficientnet_lite2 the normal mean is 29.9 at the corners and
-    22.5 inside, and the top patch of 96% of normal images lies on the two-patch border), so the
-    most anomalous patches of a defective image are often border patches, not the defect.
-    Standardising each position by held-back normal images removes that bias.
-
-    Raises:
-        ValueError: Fewer than two normal images, or images on different patch grids.
-    """
-    if len(scores) < 2 or len({s.shape for s in scores}) != 1:
-        msg = (
-            "position normalisation needs two or more held-back normal images (test/good) "
-            "embedded at one size"
-        )
-        raise ValueError(msg)
-    stacked = torch.stack([s.float() for s in scores])
-    return stacked.mean(dim=0), stacked.std(dim=0).clamp_min(1e-6)
-
-
 def prepare_category(
     category: Category,
     cache: FeatureCache,
@@ -367,7 +332,7 @@ def prepare_category(
     seed: int = 0,
     white: bool = False,
     progress: ProgressFactory = no_progress,
-    score_norm: str = "none",
+    score_norm: str = DEFAULT_SCORE_NORM,
 ) -> PreparedCategory:
     """Compute once, for every defective image of a category, what ``methods`` need.
 
@@ -385,14 +350,17 @@ def prepare_category(
         progress: Progress factory (see :data:`ProgressFactory`).
         score_norm: ``"none"`` gives the methods PatchCore's patch scores as they are (the
             paper); ``"position"`` standardises each grid position by the scores of the
-            held-back normal images (see :func:`position_statistics`). The segmentation
-            baseline always cuts the unnormalised anomaly maps.
+            held-back normal images (see :class:`patchproto.patchcore.PositionNorm`); with
+            fewer than two images in ``test/good`` it falls back to ``"none"`` and says so in
+            the notes. The segmentation baseline always cuts the unnormalised anomaly maps.
 
     Raises:
-        DatasetError: The category has no defective image, or ``score_norm="position"`` and
-            it has fewer than two images in ``test/good``.
+        DatasetError: The category has no defective image.
         ImageError: An image or mask cannot be read.
     """
+    if score_norm not in SCORE_NORMS:
+        msg = f"score normalisation {score_norm!r}; choose one of {', '.join(SCORE_NORMS)}"
+        raise ValueError(msg)
     started = time.perf_counter()
     hits, misses = cache.hits, cache.misses
     samples = [s for t in category.defect_types for s in category.defects[t]]
@@ -478,9 +446,21 @@ def prepare_category(
         ]
 
     # Segmentation above used the raw scores; the methods read the normalised ones.
-    normalise = _position_normaliser(category, score_norm, normal_scores if bank else None)
+    normalise: Callable[[torch.Tensor], torch.Tensor] = lambda s: s  # noqa: E731
+    used = "none"
+    if bank is not None and score_norm == "position":
+        if len(normal_scores) >= 2:
+            normalise, used = PositionNorm.from_scores(normal_scores), "position"
+        else:
+            note = (
+                f"{category.root / 'test' / 'good'}: {len(normal_scores)} normal image(s), but "
+                "position normalisation needs 2 or more, so PatchProto read PatchCore's scores "
+                "as they are (score_norm none). Add normal images to test/good"
+            )
+            logger.warning("%s", note)
+            prepared.notes.append(note)
     scores = [normalise(s) for s in scores]
-    info["score_norm"] = score_norm if bank is not None else "none"
+    info["score_norm"] = used
 
     for i, embedding in enumerate(embedded):
         prepared.features.append(
@@ -512,24 +492,6 @@ def prepare_category(
     info["cache_misses"] = cache.misses - misses
     info["prepare_s"] = round(time.perf_counter() - started, 1)
     return prepared
-
-
-def _position_normaliser(
-    category: Category, score_norm: str, normal_scores: Sequence[torch.Tensor] | None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    if score_norm not in SCORE_NORMS:
-        msg = (
-            f"score normalisation {score_norm!r} is unknown; choose one of {', '.join(SCORE_NORMS)}"
-        )
-        raise ValueError(msg)
-    if score_norm == "none" or normal_scores is None:
-        return lambda s: s
-    try:
-        mean, std = position_statistics(normal_scores)
-    except ValueError as error:
-        msg = f"{category.root}: {error}. Add normal images to test/good, or use --score-norm none"
-        raise DatasetError(msg) from error
-    return lambda s: (s - mean) / std
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,7 +692,10 @@ class EvaluationConfig:
     m: int | None = None
     temperature: float | None = None
     cache_dir: Path | None = None
-    score_norm: str = "none"
+    score_norm: str = DEFAULT_SCORE_NORM
+    # Seeds the coreset only. Kept apart from ``seed`` (the episodes) so that new episodes
+    # reuse the memory bank, which ``detect`` builds with the same seed.
+    coreset_seed: int = 0
 
     @property
     def params(self) -> dict[str, Any]:
@@ -787,6 +752,7 @@ def config_record(
         "shots": list(config.shots),
         "episodes": config.episodes,
         "seed": config.seed,
+        "coreset_seed": config.coreset_seed,
         **effective_params(config),
         "score_norm": config.score_norm,
         "cache_dir": str(config.cache_dir) if config.cache_dir else None,
@@ -868,7 +834,7 @@ def run_evaluation(
             cache,
             config.methods,
             config.coreset_ratio,
-            config.seed,
+            config.coreset_seed,
             white,
             progress,
             config.score_norm,

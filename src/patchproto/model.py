@@ -62,13 +62,23 @@ from patchproto.embedding import DEFAULT_IMAGE_SIZE, Embedding, PatchEmbedder
 from patchproto.images import ImageError, load_image
 from patchproto.methods.base import ImageFeatures, Prediction
 from patchproto.methods.patchproto import DEFAULT_GAMMA, DEFAULT_M, PatchProtoNetworks
-from patchproto.patchcore import DEFAULT_CORESET_RATIO, MemoryBank, anomaly_map, image_score
+from patchproto.patchcore import (
+    DEFAULT_CORESET_RATIO,
+    DEFAULT_SCORE_NORM,
+    SCORE_NORMS,
+    MemoryBank,
+    PositionNorm,
+    anomaly_map,
+    image_score,
+)
 from patchproto.selection import DEFAULT_TEMPERATURE, check_selection_params
 
 logger = logging.getLogger(__name__)
 
-# Bump when the folder layout or the meaning of a stored value changes; older folders are refused.
-FORMAT_VERSION = 1
+# Bump when the folder layout or the meaning of a stored value changes. Version 2 added the
+# position statistics of the patch scores; a version 1 folder reads as score_norm "none".
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MODEL_FILE = "model.json"
 TENSORS_FILE = "tensors.safetensors"
 EXAMPLES_DIR = "examples"
@@ -112,6 +122,10 @@ class ModelSettings:
         normal_images: Normal images given at fit time.
         holdout_images: Of those, how many were held back to set the threshold.
         threshold_rule: How the threshold was set, in words.
+        score_norm: ``"position"``: Algorithm 2 reads patch scores standardised per grid
+            position by the held-back normal images; ``"none"``: PatchCore's scores as they are
+            (the paper, and every model of format version 1). The anomaly score, threshold and
+            heatmap always use PatchCore's scores as they are.
         confidence_temperature: Confidences are ``softmax(-distance / confidence_temperature)``;
             a display scale for ranking, not a calibrated probability.
         created: When the model was fitted (ISO 8601, UTC).
@@ -132,6 +146,7 @@ class ModelSettings:
     holdout_images: int
     threshold_rule: str
     created: str
+    score_norm: str = "none"
     confidence_temperature: float = DEFAULT_CONFIDENCE_TEMPERATURE
     patchproto_version: str = __version__
 
@@ -305,8 +320,11 @@ def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
 
 
-def _holdout_count(holdout: float | int, normal: int) -> int:
-    """Held-back normal images: a fraction below 1, else a whole count; keeps one for the bank."""
+def _holdout_count(holdout: float | int, normal: int, least: int = 1) -> int:
+    """Held-back normal images: a fraction below 1, else a whole count; keeps one for the bank.
+
+    A fraction holds back at least ``least`` images (two for the position statistics).
+    """
     if isinstance(holdout, bool) or not isinstance(holdout, int | float) or math.isnan(holdout):
         raise ModelError(f"holdout={holdout!r} must be a fraction in (0, 1) or a count >= 1")
     if holdout <= 0:
@@ -316,15 +334,22 @@ def _holdout_count(holdout: float | int, normal: int) -> int:
         )
         raise ModelError(msg)
     if holdout < 1:
-        count = max(1, round(normal * holdout))
+        count = max(least, round(normal * holdout))
     elif float(holdout).is_integer():
         count = int(holdout)
     else:
         raise ModelError(f"holdout={holdout!r}: a count of images must be a whole number")
+    if count < least:
+        msg = (
+            f"holdout={holdout!r} holds back {count} normal image(s), but the position "
+            f"statistics of the patch scores need {least}. Hold back more, or fit with "
+            "--score-norm none"
+        )
+        raise ModelError(msg)
     if count >= normal:
         msg = (
             f"holdout={holdout!r} holds back {count} of {normal} normal images, leaving none for "
-            "the memory bank. Give more normal images (at least 2) or a smaller holdout"
+            f"the memory bank. Give more normal images (at least {least + 1}) or a smaller holdout"
         )
         raise ModelError(msg)
     return count
@@ -404,6 +429,8 @@ class DefectModel:
         holdout_scores: Image scores of the held-back normal images.
         examples: Per defect type, its support examples.
         weights: A weights file to load the backbone from, overriding ``settings.weights_path``.
+        position_norm: The position statistics of the held-back normal patch scores; required
+            when ``settings.score_norm`` is ``"position"``.
     """
 
     def __init__(
@@ -414,8 +441,15 @@ class DefectModel:
         holdout_scores: torch.Tensor,
         examples: dict[str, list[Example]],
         weights: str | Path | None = None,
+        position_norm: PositionNorm | None = None,
     ) -> None:
+        if settings.score_norm not in SCORE_NORMS:
+            msg = f"score_norm={settings.score_norm!r}; choose one of {', '.join(SCORE_NORMS)}"
+            raise ModelError(msg)
+        if settings.score_norm == "position" and position_norm is None:
+            raise ModelError("score_norm='position' needs the position statistics")
         self.settings = settings
+        self.position_norm = position_norm if settings.score_norm == "position" else None
         self.memory_bank = memory_bank.float().contiguous()
         self.threshold = float(threshold)
         self.holdout_scores = holdout_scores.float()
@@ -446,6 +480,7 @@ class DefectModel:
         holdout: float | int = DEFAULT_HOLDOUT,
         seed: int = 0,
         cache_dir: str | Path | None = None,
+        score_norm: str = DEFAULT_SCORE_NORM,
         on_image: Progress | None = None,
         on_step: Progress | None = None,
         on_stage: Callable[[str, int], None] | None = None,
@@ -454,10 +489,11 @@ class DefectModel:
         """Fit a model from a folder of normal images and one folder per defect type.
 
         A seeded subset of the normal images (``holdout``) is held back: the rest form the
-        memory bank, and the highest anomaly score among the held-back ones becomes the
-        threshold. Each defect type folder gives that type's support examples; masks beside
-        them (``<stem>_mask.png``) are ignored, since PatchProto finds the anomalous patches
-        itself.
+        memory bank, the highest anomaly score among the held-back ones becomes the
+        threshold, and (``score_norm="position"``) their patch scores give each grid position's
+        normal mean and spread. Each defect type folder gives that type's support examples;
+        masks beside them (``<stem>_mask.png``) are ignored, since PatchProto finds the
+        anomalous patches itself.
 
         Args:
             normal_dir: Images of good parts.
@@ -473,6 +509,8 @@ class DefectModel:
             holdout: Normal images held back for the threshold: a fraction in (0, 1) or a count.
             seed: Seeds the held-back split and the coreset.
             cache_dir: Feature cache folder (``None``: no cache).
+            score_norm: ``"position"`` (default) or ``"none"`` (the paper's scores); see
+                :class:`ModelSettings`.
             on_image: Called with the number of images embedded since the last call.
             on_step: Called with the number of coreset centers added since the last call.
             on_stage: Called with ``(stage, total)`` as each stage starts: ``"normal"`` (bank
@@ -493,17 +531,21 @@ class DefectModel:
             raise ModelError(str(error)) from error
         if not 0 < coreset_ratio <= 1:
             raise ModelError(f"coreset_ratio={coreset_ratio!r} must be in (0, 1]")
+        if score_norm not in SCORE_NORMS:
+            raise ModelError(f"score_norm={score_norm!r}; choose one of {', '.join(SCORE_NORMS)}")
+        least = 2 if score_norm == "position" else 1
         category = load_plain(Path(normal_dir), Path(defects_dir))
         normal = category.train_good
-        if len(normal) < 2:
+        if len(normal) < least + 1:
             msg = (
-                f"{normal_dir}: only {len(normal)} normal image; at least 2 are needed (one for "
-                "the memory bank, one held back for the threshold). Add more images of good parts"
+                f"{normal_dir}: only {len(normal)} normal image(s); at least {least + 1} are "
+                f"needed (one for the memory bank, {least} held back for the threshold"
+                + (" and the position statistics" if least > 1 else "")
+                + "). Add more images of good parts"
             )
             raise ModelError(msg)
-        held = set(
-            random.Random(seed).sample(range(len(normal)), _holdout_count(holdout, len(normal)))
-        )
+        count = _holdout_count(holdout, len(normal), least)
+        held = set(random.Random(seed).sample(range(len(normal)), count))
         bank_paths = [p for i, p in enumerate(normal) if i not in held]
         held_paths = [p for i, p in enumerate(normal) if i in held]
         support = [(t, s.path) for t in category.defect_types for s in category.defects[t]]
@@ -528,13 +570,14 @@ class DefectModel:
         # The threshold: no held-back normal image scores above it.
         if on_stage is not None:
             on_stage("examples", len(held_paths) + len(support))
-        held_scores = torch.tensor(
-            [
-                image_score(bank.patch_scores(e.patches))
-                for e in cache.embed_files(held_paths, on_image)
-            ]
-        )
+        held_patch_scores = [
+            bank.patch_scores(e.patches).float() for e in cache.embed_files(held_paths, on_image)
+        ]
+        held_scores = torch.tensor([image_score(s) for s in held_patch_scores])
         threshold = float(held_scores.max())
+        position_norm = (
+            PositionNorm.from_scores(held_patch_scores) if score_norm == "position" else None
+        )
 
         settings = ModelSettings(
             backbone=backbone,
@@ -551,8 +594,9 @@ class DefectModel:
             holdout_images=len(held_paths),
             threshold_rule="max image score of the held-back normal images",
             created=datetime.now(UTC).isoformat(timespec="seconds"),
+            score_norm=score_norm,
         )
-        model = cls(settings, bank.embeddings, threshold, held_scores, {}, weights)
+        model = cls(settings, bank.embeddings, threshold, held_scores, {}, weights, position_norm)
         model._bank, model._embedder = bank, embedder
 
         # The support set: every example is embedded and scored now, selected at classify time.
@@ -631,7 +675,13 @@ class DefectModel:
                 names = self.type_names
                 index = [(t, e) for t in names for e in self.examples[t]]
                 features = [
-                    ImageFeatures(f"{t}/{e.name}", e.patches, e.grid, e.patch_scores, e.pooled)
+                    ImageFeatures(
+                        f"{t}/{e.name}",
+                        e.patches,
+                        e.grid,
+                        self._normalise(e.patch_scores),
+                        e.pooled,
+                    )
                     for t, e in index
                 ]
                 labels = [names.index(t) for t, _ in index]
@@ -640,6 +690,10 @@ class DefectModel:
                 self._support_index = index
                 self._method = method.fit(features, labels)
             return self._method, self._support_index
+
+    def _normalise(self, scores: torch.Tensor) -> torch.Tensor:
+        """The patch scores Algorithm 2 reads (see :attr:`ModelSettings.score_norm`)."""
+        return self.position_norm(scores) if self.position_norm is not None else scores
 
     def _changed(self) -> None:
         with self._lazy_lock:
@@ -830,16 +884,17 @@ class DefectModel:
         embeddings = self.embedder().embed(pictures, on_batch=on_image)
         embedded = time.perf_counter()
         bank = self._memory_bank()
+        raw = [bank.patch_scores(e.patches) for e in embeddings]
         queries = [
-            ImageFeatures(t, e.patches, e.grid, bank.patch_scores(e.patches), e.pooled)
-            for t, e in zip(titles, embeddings, strict=True)
+            ImageFeatures(t, e.patches, e.grid, self._normalise(r), e.pooled)
+            for t, e, r in zip(titles, embeddings, raw, strict=True)
         ]
         scored = time.perf_counter()
 
         method, index = self._support()
         prediction = method.predict(queries)
         results = [
-            self._answer(query, picture.size, prediction, q, method, index)
+            self._answer(query, raw[q], picture.size, prediction, q, method, index)
             for q, (query, picture) in enumerate(zip(queries, pictures, strict=True))
         ]
         finished = time.perf_counter()
@@ -859,6 +914,7 @@ class DefectModel:
     def _answer(
         self,
         query: ImageFeatures,
+        raw_scores: torch.Tensor,
         size: tuple[int, int],
         prediction: Prediction,
         q: int,
@@ -895,9 +951,9 @@ class DefectModel:
                 )
             )
 
-        score = image_score(query.patch_scores)
+        score = image_score(raw_scores)
         side = self.settings.image_size
-        heatmap = _resize_map(anomaly_map(query.patch_scores, query.grid, (side, side)), size)
+        heatmap = _resize_map(anomaly_map(raw_scores, query.grid, (side, side)), size)
         return Classification(
             name=query.key,
             predicted_type=ranking[0].type,
@@ -917,6 +973,9 @@ class DefectModel:
             "memory_bank": self.memory_bank.contiguous(),
             "holdout_scores": self.holdout_scores.contiguous(),
         }
+        if self.position_norm is not None:
+            tensors["position_mean"] = self.position_norm.mean
+            tensors["position_std"] = self.position_norm.std
         for examples in self.examples.values():
             for e in examples:
                 tensors[f"support/{e.sha256}/patches"] = e.patches.contiguous()
@@ -1043,10 +1102,11 @@ class DefectModel:
         if not isinstance(index, dict):
             raise ModelError(f"{index_path}: not a model index (a JSON object). {REFIT_FIX}")
         found = index.get("format_version")
-        if found != FORMAT_VERSION:
+        if found not in READABLE_VERSIONS:
+            readable = " and ".join(str(v) for v in READABLE_VERSIONS)
             msg = (
                 f"{folder}: model format version {found!r}, but this patchproto "
-                f"({__version__}) reads version {FORMAT_VERSION}. {REFIT_FIX}"
+                f"({__version__}) reads versions {readable}. {REFIT_FIX}"
             )
             raise ModelError(msg)
 
@@ -1117,14 +1177,24 @@ class DefectModel:
             msg = f"{index_path}: malformed example entry ({problem}). {REFIT_FIX}"
             raise ModelError(msg) from error
 
-        return cls(
-            settings,
-            tensor("memory_bank"),
-            threshold,
-            tensor("holdout_scores"),
-            examples,
-            weights,
-        )
+        position_norm = None
+        if settings.score_norm == "position":
+            try:
+                position_norm = PositionNorm(tensor("position_mean"), tensor("position_std"))
+            except ValueError as error:
+                raise ModelError(f"{tensors_path}: {error}. {REFIT_FIX}") from error
+        try:
+            return cls(
+                settings,
+                tensor("memory_bank"),
+                threshold,
+                tensor("holdout_scores"),
+                examples,
+                weights,
+                position_norm,
+            )
+        except ModelError as error:
+            raise ModelError(f"{index_path}: {error}. {REFIT_FIX}") from error
 
     def describe(self) -> dict[str, Any]:
         """A JSON-safe summary: settings, threshold, bank size and the types with their examples."""

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import typer
 
-from patchproto.backbones import BACKBONES, WeightsError
+from patchproto import options as opt
+from patchproto.backbones import WeightsError
 from patchproto.cache import default_cache_dir
 from patchproto.datasets import MASK_SUFFIX, DatasetError
 from patchproto.embedding import DEFAULT_IMAGE_SIZE
@@ -39,7 +40,7 @@ from patchproto.model import (
     ModelError,
     check_save_target,
 )
-from patchproto.patchcore import DEFAULT_CORESET_RATIO
+from patchproto.patchcore import DEFAULT_CORESET_RATIO, DEFAULT_SCORE_NORM
 from patchproto.selection import DEFAULT_TEMPERATURE
 
 logger = logging.getLogger(__name__)
@@ -118,9 +119,6 @@ def set_threads(threads: int) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-THREADS_HELP = "CPU threads for torch and faiss (0: their default; 1 is fastest on a busy CPU)."
-
-
 def _size_on_disk(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -140,15 +138,11 @@ def fit_command(
         ..., "--defects", help="Folder with one sub-folder of example images per defect type."
     ),
     out: Path = typer.Option(..., "--out", help="Model folder to write (replaced atomically)."),
-    backbone: str = typer.Option(
-        DEFAULT_BACKBONE, "--backbone", help=f"One of: {', '.join(BACKBONES)}."
-    ),
-    weights: Path | None = typer.Option(None, "--weights", help="Backbone weights file."),
-    image_size: int = typer.Option(DEFAULT_IMAGE_SIZE, "--image-size", help="Network input side."),
-    dim: int | None = typer.Option(None, "--dim", help="Pool patch embeddings to this size."),
-    coreset_ratio: float = typer.Option(
-        DEFAULT_CORESET_RATIO, "--coreset-ratio", help="Share of normal patches kept."
-    ),
+    backbone: opt.Backbone = DEFAULT_BACKBONE,
+    weights: opt.Weights = None,
+    image_size: opt.ImageSize = DEFAULT_IMAGE_SIZE,
+    dim: opt.Dim = None,
+    coreset_ratio: opt.CoresetRatio = DEFAULT_CORESET_RATIO,
     gamma: float = typer.Option(
         DEFAULT_GAMMA, "--gamma", help="Share of anomaly mass the selected patches cover."
     ),
@@ -162,15 +156,15 @@ def fit_command(
         help="Normal images held back to set the threshold: a fraction (<1) or a count.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seeds the held-back split and the coreset."),
-    cache: Path | None = typer.Option(
-        None, "--cache-dir", help="Feature cache folder (default $PATCHPROTO_CACHE or ~/.cache)."
-    ),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache."),
-    threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
+    score_norm: opt.ScoreNorm = DEFAULT_SCORE_NORM,
+    cache: opt.CacheDir = None,
+    no_cache: opt.NoCache = False,
+    threads: opt.Threads = 0,
 ) -> None:
     """Fit a model from normal images and a few examples of each defect type."""
     from patchproto.cli import console
 
+    opt.check_embedding_options(backbone, coreset_ratio, image_size, dim, threads)
     set_threads(threads)
 
     check_save_target(out)
@@ -189,6 +183,7 @@ def fit_command(
             temperature=temperature,
             holdout=holdout,
             seed=seed,
+            score_norm=score_norm,
             cache_dir=None if no_cache else (cache or default_cache_dir()),
             on_image=advance,
             on_step=advance,
@@ -296,7 +291,7 @@ def classify_command(
     batch_size: int = typer.Option(
         CLASSIFY_BATCH, "--batch-size", min=1, help="Images per forward pass (1: per-image timing)."
     ),
-    threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
+    threads: opt.Threads = 0,
 ) -> None:
     """Name the defect type of each image, with its anomaly score and deciding patches."""
     from patchproto.cli import console, fail, progress_bar
@@ -466,7 +461,9 @@ def _demo_evaluation(
         t: [Sample(p, t, data.masks.get(p)) for p in data.support[t] + data.queries[t]]
         for t in sorted(data.support)
     }
-    category = Category("synthetic", data.root, list(data.normal), [], defects)
+    # A few normal images are held back, as test/good in MVTec AD, for the position statistics.
+    normal = list(data.normal)
+    category = Category("synthetic", data.root, normal[:-4], normal[-4:], defects)
     config = EvaluationConfig(data.root, backbone, ["patchproto", "protonet"], cache_dir=cache_dir)
     cache = make_cache(config)
     methods = ["patchproto", "protonet"]
@@ -553,7 +550,7 @@ def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for data, model, report."),
     seed: int = typer.Option(0, "--seed", help="Seeds the synthetic set and the model."),
     episodes: int = typer.Option(20, "--episodes", help="Episodes per K in the evaluation."),
-    threads: int = typer.Option(1, "--threads", help=THREADS_HELP),
+    threads: opt.Threads = 1,
 ) -> None:
     """Generate a synthetic defect set, fit, classify, evaluate and write OUT/report.md."""
     from patchproto.cli import console, progress_bar
@@ -619,8 +616,8 @@ def demo_command(
         "queries": len(next(iter(data.queries.values()))),
         "size": 256,
         "backbone": backbone,
-        "settings": f"gamma {s.gamma}, m {s.m}, coreset ratio {s.coreset_ratio}, "
-        f"{s.image_size} px input",
+        "settings": f"gamma {s.gamma}, m {s.m}, patch scores normalised: {s.score_norm}, "
+        f"coreset ratio {s.coreset_ratio}, {s.image_size} px input",
         "accuracy": correct / len(queries),
         "correct": correct,
         "total": len(queries),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from patchproto.backbones import BACKBONES
+from patchproto import options as opt
 from patchproto.cache import FeatureCache, atomic_write_bytes
 from patchproto.embedding import DEFAULT_IMAGE_SIZE
 from patchproto.episodes import sample_episodes
@@ -37,7 +37,7 @@ from patchproto.evaluation import (
     run_method,
     single_thread,
 )
-from patchproto.patchcore import DEFAULT_CORESET_RATIO
+from patchproto.patchcore import DEFAULT_CORESET_RATIO, DEFAULT_SCORE_NORM
 from patchproto.selection import DEFAULT_TEMPERATURE, check_selection_params, selection_order
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def run_sweep(
             cache,
             config.methods,
             config.coreset_ratio,
-            config.seed,
+            config.coreset_seed,
             False,
             progress,
             config.score_norm,
@@ -233,12 +233,11 @@ def write_sweep(out: Path, document: dict[str, Any]) -> None:
 
 
 def sweep_command(
-    root: Path = typer.Argument(..., help="MVTec AD layout root, or one category folder."),
-    category: list[str] | None = typer.Option(
-        None, "--category", "-c", help="Category to run (repeat for several); default all."
-    ),
-    backbone: str = typer.Option(..., "--backbone", "-b", help=f"One of {', '.join(BACKBONES)}."),
-    weights: Path | None = typer.Option(None, "--weights", help="Weights file for the backbone."),
+    root: opt.Root,
+    backbone: opt.Backbone,
+    out: opt.Out,
+    category: opt.Categories = None,
+    weights: opt.Weights = None,
     gammas: str = typer.Option(
         ",".join(f"{g:g}" for g in DEFAULT_GAMMAS), "--gammas", help="Thresholds, comma-separated."
     ),
@@ -251,28 +250,16 @@ def sweep_command(
     ),
     shots: int = typer.Option(1, "--shots", help="K (Figure 3 of the paper is 1-shot)."),
     episodes: int = typer.Option(100, "--episodes", "-e", help="Episodes per category."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the episodes and the coreset."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the episodes."),
     temperature: float | None = typer.Option(
         None, "--temperature", help="Softmax temperature of the patch scores."
     ),
-    coreset_ratio: float = typer.Option(
-        DEFAULT_CORESET_RATIO, "--coreset-ratio", help="Fraction of normal patches kept."
-    ),
-    image_size: int = typer.Option(DEFAULT_IMAGE_SIZE, "--image-size", help="Input side, px."),
-    dim: int | None = typer.Option(None, "--dim", help="Pool patch embeddings to N channels."),
-    cache_dir: Path | None = typer.Option(
-        None,
-        "--cache-dir",
-        help="Feature cache folder (default: $PATCHPROTO_CACHE or ~/.cache/patchproto).",
-    ),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache."),
-    score_norm: str = typer.Option(
-        "none",
-        "--score-norm",
-        help="Patch scores for PatchProto: none (the paper) or position (standardised per grid "
-        "position by the test/good images, removing PatchCore's border bias).",
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    coreset_ratio: opt.CoresetRatio = DEFAULT_CORESET_RATIO,
+    image_size: opt.ImageSize = DEFAULT_IMAGE_SIZE,
+    dim: opt.Dim = None,
+    cache_dir: opt.CacheDir = None,
+    no_cache: opt.NoCache = False,
+    score_norm: opt.ScoreNorm = DEFAULT_SCORE_NORM,
 ) -> None:
     """PatchProto accuracy against gamma, with and without the cap m (Figure 3)."""
     from patchproto.cli import console, fail, progress_bar
