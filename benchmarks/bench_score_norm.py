@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from patchproto.cache import default_cache_dir
 from patchproto.datasets import default_data_root
 from patchproto.evaluation import (
     BASELINE,
@@ -70,6 +71,7 @@ def main() -> None:
             episodes=args.episodes,
             seed=args.seed,
             score_norm=norm,
+            cache_dir=default_cache_dir(),
         )
         cache = cache or make_cache(config)
         _, results = run_evaluation(config, cache)

@@ -11,6 +11,7 @@ import io
 import json
 import pickle
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ from patchproto.model import (
     DefectModel,
     ModelError,
     backup_path,
+    editing,
+    lock_path,
 )
 from patchproto.synthetic import write_synthetic_set
 
@@ -424,6 +427,27 @@ def test_position_statistics_need_two_held_back_images(data) -> None:
         fit_small(data, holdout=1)
     assert fit_small(data, holdout=1, score_norm="none").settings.holdout_images == 1
     assert fit_small(data, holdout=0.01).settings.holdout_images == 2
+
+
+def test_edits_of_one_model_take_turns(model_dir: Path) -> None:
+    order: list[str] = []
+    waiting = threading.Event()
+
+    def second() -> None:
+        waiting.set()
+        with editing(model_dir):
+            order.append("second holds the lock")
+
+    with editing(model_dir):
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert waiting.wait(5)
+        thread.join(0.3)  # the second editor stays blocked while the first holds the lock
+        assert thread.is_alive()
+        order.append("first done")
+    thread.join(5)
+    assert order == ["first done", "second holds the lock"]
+    assert lock_path(model_dir).parent == model_dir.parent  # beside the folder, not inside
 
 
 def test_random_weight_models_reload_identically(data, tmp_path: Path) -> None:

@@ -181,7 +181,8 @@ def test_add_and_remove_examples(model_dir: Path, data) -> None:
     assert result.exit_code == 0, result.output
     assert "the type is removed" in text(result)
     assert "crater" not in DefectModel.load(model_dir).types()
-    assert [p.name for p in model_dir.parent.iterdir()] == ["model"]
+    # Nothing is left beside the model but its (empty) edit lock file.
+    assert sorted(p.name for p in model_dir.parent.iterdir()) == [".model.lock", "model"]
 
 
 def _bad_model(model_dir: Path, damage: str) -> str:
@@ -243,6 +244,11 @@ def test_every_bad_input_is_named_and_leaves_the_model_unchanged(
         (["remove-example", model_dir, "--type", "hole", "nope.png"], "'nope.png'"),
         (["remove-example", model_dir, "--type", "hole", hole, "nope.png"], "'nope.png'"),
         (["classify", tmp_path / "no_model", data.queries["hole"][0]], str(tmp_path / "no_model")),
+        (
+            ["add-example", tmp_path / "no_model", "--type", "hole", data.queries["hole"][0]],
+            str(tmp_path / "no_model"),
+        ),
+        (["remove-example", tmp_path / "no_model", "--type", "hole", hole], "no_model"),
     ]
     for args, named in cases:
         result = run(*args)
@@ -251,7 +257,8 @@ def test_every_bad_input_is_named_and_leaves_the_model_unchanged(
         assert named in message, (args, message)
         assert "Traceback" not in result.output, args
         assert folder_digest(model_dir) == before, args
-    assert [p.name for p in model_dir.parent.iterdir()] == ["model"]
+    assert sorted(p.name for p in model_dir.parent.iterdir()) == [".model.lock", "model"]
+    assert not (tmp_path / ".no_model.lock").exists()
 
     # The messages list what exists.
     assert "scratch" in text(run("remove-example", model_dir, "--type", "nope", hole))

@@ -201,6 +201,27 @@ def test_added_examples_are_on_disk_and_used(
     assert {entry["type"] for entry in result["ranking"]} == {"dent", "scratch", "spot"}
 
 
+def test_a_change_keeps_what_another_process_saved_meanwhile(
+    client: TestClient, model_dir: Path, data: SyntheticSet
+) -> None:
+    # `patchproto add-example` edits the folder while the service runs.
+    cli = CliRunner().invoke(
+        cli_app,
+        ["add-example", str(model_dir), "--type", "dent", str(data.queries["spot"][0])],
+    )
+    assert cli.exit_code == 0, cli.output
+    response = client.post(
+        "/api/types/spot/examples",
+        files=[("files", ("new spot.png", data.queries["spot"][1].read_bytes()))],
+    )
+    assert response.status_code == 200, response.text
+    saved = DefectModel.load(model_dir).types()
+    assert saved["dent"] == [data.queries["spot"][0].name]
+    assert "new spot.png" in saved["spot"]
+    listed = [entry["name"] for entry in response.json()["types"]]
+    assert listed == ["dent", "scratch", "spot"]
+
+
 def test_removed_examples_are_gone_from_disk(client: TestClient, model_dir: Path) -> None:
     response = client.delete("/api/types/scratch/examples/scratch_s00.png")
     assert response.status_code == 200, response.text

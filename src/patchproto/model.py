@@ -41,7 +41,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -411,6 +412,37 @@ def backup_path(folder: str | Path) -> Path:
     """Where a save parks the previous model folder during the swap."""
     folder = Path(folder)
     return folder.parent / f".{folder.name}.backup"
+
+
+def lock_path(folder: str | Path) -> Path:
+    """The lock file of a model folder; it lies beside the folder, which saves swap out."""
+    folder = Path(folder).absolute()
+    return folder.parent / f".{folder.name}.lock"
+
+
+@contextmanager
+def editing(folder: str | Path) -> Iterator[None]:
+    """Hold a model folder's edit lock for the block, across processes.
+
+    Every load-change-save of a model (``add-example``, ``remove-example``, the service's
+    changes, ``fit``'s save) runs inside it, so two processes editing one model take turns and
+    neither's change is lost. The lock is an ``flock`` on :func:`lock_path`, released by the
+    operating system if the process dies. Where ``fcntl`` does not exist (Windows) it does
+    nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - POSIX only
+        yield
+        return
+    path = lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # closing releases the flock
 
 
 # ----------------------------------------------------------------------------------------------

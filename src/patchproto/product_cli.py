@@ -39,6 +39,7 @@ from patchproto.model import (
     DefectModel,
     ModelError,
     check_save_target,
+    editing,
 )
 from patchproto.patchcore import DEFAULT_CORESET_RATIO, DEFAULT_SCORE_NORM
 from patchproto.selection import DEFAULT_TEMPERATURE
@@ -190,7 +191,8 @@ def fit_command(
             on_stage=on_stage,
         )
     fitted = time.perf_counter() - started
-    folder = model.save(out)
+    with editing(out):
+        folder = model.save(out)
     types = model.types()
     console.print(
         f"Fitted in {fitted:.1f} s: memory bank of {len(model.memory_bank)} patches from "
@@ -392,6 +394,12 @@ def _image_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
+def _check_model_folder(model: Path) -> None:
+    """Fail on a missing model folder before its edit lock file is made beside it."""
+    if not Path(model).is_dir():
+        DefectModel.load(model)  # raises the ModelError that names the folder and the fix
+
+
 @user_errors
 def add_example_command(
     model: Path = typer.Argument(..., help="Model folder to edit."),
@@ -401,12 +409,14 @@ def add_example_command(
     """Add example images to a defect type (no refit of the memory bank)."""
     from patchproto.cli import console, progress_bar
 
-    defect_model = DefectModel.load(model)
     files = _image_files(images)
-    new = type_name not in defect_model.examples
-    with progress_bar(f"Adding to {type_name}", len(files)) as advance:
-        added = defect_model.add_examples(type_name, files, on_image=advance)
-    defect_model.save(model)
+    _check_model_folder(model)
+    with editing(model):
+        defect_model = DefectModel.load(model)
+        new = type_name not in defect_model.examples
+        with progress_bar(f"Adding to {type_name}", len(files)) as advance:
+            added = defect_model.add_examples(type_name, files, on_image=advance)
+        defect_model.save(model)
     count = len(defect_model.types()[type_name])
     console.print(
         f"Added {len(added)} example(s) to {'new type ' if new else ''}{type_name!r} "
@@ -424,14 +434,16 @@ def remove_example_command(
     """Remove examples from a defect type; a type left with none is removed."""
     from patchproto.cli import console
 
-    defect_model = DefectModel.load(model)
-    for name in names:
-        defect_model.example(type_name, name)  # every name is checked before anything changes
-    if len(set(names)) != len(names):
-        raise ModelError(f"an example name is given twice: {', '.join(names)}")
-    for name in names:
-        defect_model.remove_example(type_name, name)
-    defect_model.save(model)
+    _check_model_folder(model)
+    with editing(model):
+        defect_model = DefectModel.load(model)
+        for name in names:
+            defect_model.example(type_name, name)  # every name is checked before any change
+        if len(set(names)) != len(names):
+            raise ModelError(f"an example name is given twice: {', '.join(names)}")
+        for name in names:
+            defect_model.remove_example(type_name, name)
+        defect_model.save(model)
     left = defect_model.types().get(type_name)
     state = f"{len(left)} left" if left else "the type is removed"
     console.print(f"Removed {', '.join(names)} from {type_name!r} ({state})", highlight=False)

@@ -52,8 +52,9 @@ from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from patchproto.backbones import WeightsError
+from patchproto.cache import content_key
 from patchproto.images import ImageError, load_image
-from patchproto.model import Classification, DefectModel, ModelError
+from patchproto.model import MODEL_FILE, Classification, DefectModel, ModelError, editing
 from patchproto.visualize import overlay_heatmap
 
 logger = logging.getLogger(__name__)
@@ -218,8 +219,17 @@ class ModelStore:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self._lock = ReadWriteLock()
-        self.model = DefectModel.load(self.folder)
+        with editing(self.folder):
+            self.model = DefectModel.load(self.folder)
+            self._loaded = self._stamp()
         self._prepare()
+
+    def _stamp(self) -> str | None:
+        """Identifies the saved model (its index names every file's hash and the save time)."""
+        try:
+            return content_key((self.folder / MODEL_FILE).read_bytes())
+        except OSError:
+            return None
 
     def _prepare(self) -> None:
         # DefectModel builds its backbone, memory bank index and support set on first use; one
@@ -242,18 +252,27 @@ class ModelStore:
         """Run ``action(model)`` alone and save the model; on any failure reload the saved one.
 
         ``check(model)`` runs first under the same lock; what it raises leaves the model as is.
-        The result is returned only once the model folder holds the change.
+        The result is returned only once the model folder holds the change. The folder's edit
+        lock is held throughout, and if another process (``add-example``, say) saved the model
+        since this one loaded it, that version is loaded first, so its change is kept.
         """
-        with self._lock.writing():
+        with self._lock.writing(), editing(self.folder):
+            if self._stamp() != self._loaded:
+                logger.info("%s changed on disk; loading it before this change", self.folder)
+                self.model = DefectModel.load(self.folder)
+                self._loaded = self._stamp()
+                self._prepare()
             if check is not None:
                 check(self.model)
             try:
                 result = action(self.model)
                 self.model.save(self.folder)
+                self._loaded = self._stamp()
             except BaseException:
                 # The change may have half-happened in memory; the folder is the truth.
                 logger.warning("change failed; reloading the model from %s", self.folder)
                 self.model = DefectModel.load(self.folder)
+                self._loaded = self._stamp()
                 self._prepare()
                 raise
             self._prepare()
