@@ -1,3 +1,3 @@
 """PatchProto: few-shot classification of industrial defects from their anomalous patches."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

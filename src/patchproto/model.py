@@ -8,6 +8,9 @@ commands and the web service read. It holds
 - the PatchCore memory bank of normal patch embeddings (Roth et al., CVPR 2022, Section 3),
 - the normal-score threshold: the highest image anomaly score among normal images that were held
   back from the memory bank, so that every held-back normal image is at or below it,
+- the held-back images' mean and spread of the patch score at each grid position, by which the
+  patch scores are standardised before Algorithm 2 selects (``score_norm="position"``; see
+  :class:`patchproto.patchcore.PositionNorm`),
 - per defect type, its support examples: each one's full patch embeddings and patch scores, so
   that Algorithm 2 of Wang and Zhuo (PatchProto networks) can re-select its anomaly patches under
   any ``gamma`` and ``m``, and a copy of the example image for display.
@@ -15,7 +18,8 @@ commands and the web service read. It holds
 On disk a model is a folder, read without running any code (JSON and safetensors only)::
 
     MODEL/model.json              settings, threshold, types and examples, format version
-    MODEL/tensors.safetensors     memory bank, held-back scores, example patches and scores
+    MODEL/tensors.safetensors     memory bank, held-back scores, position statistics, example
+                                  patches and scores
     MODEL/examples/<sha256>.png   the example images as given (PNG or JPEG; others as PNG)
 
 Saving is atomic: the complete new folder is written beside the target under a temporary name

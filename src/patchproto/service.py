@@ -51,6 +51,7 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from patchproto import __version__
 from patchproto.backbones import WeightsError
 from patchproto.cache import content_key
 from patchproto.images import ImageError, load_image
@@ -452,7 +453,7 @@ def create_app(
     app = FastAPI(
         title="PatchProto",
         description="Few-shot classification of industrial defects",
-        version="0.1.0",
+        version=__version__,
     )
     app.add_middleware(
         UploadLimitMiddleware, max_upload_bytes=max_upload_bytes, max_files=MAX_FILES_PER_UPLOAD
