@@ -702,6 +702,25 @@ class EvaluationConfig:
         """PatchProto's parameters as given (``None`` means its default)."""
         return {"gamma": self.gamma, "m": self.m, "temperature": self.temperature}
 
+    def prepare(
+        self,
+        category: Category,
+        cache: FeatureCache,
+        white: bool = False,
+        progress: ProgressFactory = no_progress,
+    ) -> PreparedCategory:
+        """:func:`prepare_category` with this run's methods, coreset and score normalisation."""
+        return prepare_category(
+            category,
+            cache,
+            self.methods,
+            self.coreset_ratio,
+            self.coreset_seed,
+            white,
+            progress,
+            self.score_norm,
+        )
+
 
 @dataclass
 class CategoryResult:
@@ -829,16 +848,7 @@ def run_evaluation(
 
     results = []
     for category in categories:
-        prepared = prepare_category(
-            category,
-            cache,
-            config.methods,
-            config.coreset_ratio,
-            config.coreset_seed,
-            white,
-            progress,
-            config.score_norm,
-        )
+        prepared = config.prepare(category, cache, white, progress)
         evaluated_at = time.perf_counter()
         shots = evaluate_category(
             prepared,

@@ -33,7 +33,6 @@ from patchproto.evaluation import (
     config_record,
     make_cache,
     no_progress,
-    prepare_category,
     run_method,
     single_thread,
 )
@@ -95,16 +94,7 @@ def run_sweep(
 
     found: dict[str, Any] = {}
     for category in categories:
-        prepared = prepare_category(
-            category,
-            cache,
-            config.methods,
-            config.coreset_ratio,
-            config.coreset_seed,
-            False,
-            progress,
-            config.score_norm,
-        )
+        prepared = config.prepare(category, cache, progress=progress)
         drawn = sample_episodes(prepared.labels, shots, config.episodes, config.seed, category.name)
         entry: dict[str, Any] = {
             "ways": list(drawn.ways),
