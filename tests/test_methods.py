@@ -128,6 +128,22 @@ def test_equation1_matches_a_direct_loop(
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@LAYOUTS
+def test_support_distances_are_the_inner_sum_per_support_image(pad_slack, monkeypatch) -> None:
+    monkeypatch.setattr(patchproto_module, "_PAD_SLACK", pad_slack)
+    support, queries = random_images(5, seed=5), random_images(3, seed=6)
+    method = PatchProtoNetworks(gamma=0.8, m=6).fit(support, [0, 1, 1, 0, 1])
+
+    got = method.support_distances(queries)
+
+    expected = torch.tensor(
+        [[equation1_loop([s], [0], q, 0.8, 6, True)[0] for s in support] for q in queries]
+    )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    class_means = torch.stack([got[:, [0, 3]].mean(dim=1), got[:, [1, 2, 4]].mean(dim=1)], 1)
+    torch.testing.assert_close(method.distances(queries), class_means)
+
+
 def test_equation1_is_the_same_when_the_queries_are_chunked(monkeypatch) -> None:
     support, queries = random_images(6, seed=3), random_images(9, seed=4)
     labels = [0, 1, 0, 1, 2, 2]

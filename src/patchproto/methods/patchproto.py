@@ -186,11 +186,18 @@ class PatchProtoNetworks(FewShotMethod):
 
     def distances(self, queries: Sequence[ImageFeatures]) -> torch.Tensor:
         """``(Q, N)`` Equation 1 distances from each query to each class."""
+        return self._class_means(self.support_distances(queries))
+
+    def support_distances(self, queries: Sequence[ImageFeatures]) -> torch.Tensor:
+        """``(Q, S)``: Equation 1's inner sum, from each query to each support image's set.
+
+        :meth:`distances` is its mean over each class's support images.
+        """
         self._check_fitted()
         selections = [self.select(query) for query in queries]
         per_image = torch.zeros(len(queries), len(self.support))
         if not queries:
-            return self._class_means(per_image)
+            return per_image
 
         # Chunk the queries so that the similarity matrix stays bounded in memory.
         budget = max(1, _MAX_PAIRS // max(1, len(self._prototypes)))
@@ -211,7 +218,7 @@ class PatchProtoNetworks(FewShotMethod):
                 0, owner, weighted
             )
             start = stop
-        return self._class_means(per_image)
+        return per_image
 
     def explain(self, query: ImageFeatures) -> dict[str, Any]:
         """Why a query is classified as it is: its selected patches and their nearest matches.
