@@ -29,7 +29,13 @@ import torch.nn.functional as F  # noqa: N812
 from patchproto.cache import default_cache_dir
 from patchproto.datasets import default_data_root, load_mvtec
 from patchproto.episodes import sample_episodes
-from patchproto.evaluation import EvaluationConfig, PreparedCategory, ci95, make_cache
+from patchproto.evaluation import (
+    EvaluationConfig,
+    PreparedCategory,
+    ci95,
+    episode_features,
+    make_cache,
+)
 from patchproto.images import load_mask
 from patchproto.methods import make_method
 
@@ -65,11 +71,9 @@ def pooling(prepared: PreparedCategory, shots: int, episodes: int, seed: int) ->
     predicted = np.zeros(ways)
     truth_count = np.zeros(ways)
     for episode in drawn.episodes:
-        support = [prepared.features[i] for i, _ in episode.support]
-        labels = torch.tensor([w for _, w in episode.support])
-        queries = [prepared.features[i] for i, _ in episode.queries]
-        truth = torch.tensor([w for _, w in episode.queries])
-        method = make_method("patchproto").fit(support, labels.tolist())
+        support, ways_of_support, queries, ways_of_queries = episode_features(prepared, episode)
+        labels, truth = torch.tensor(ways_of_support), torch.tensor(ways_of_queries)
+        method = make_method("patchproto").fit(support, ways_of_support)
         per_image = method.support_distances(queries)
         by_mean = torch.stack([per_image[:, labels == c].mean(dim=1) for c in range(ways)], 1)
         by_nearest = torch.stack([per_image[:, labels == c].amin(dim=1) for c in range(ways)], 1)

@@ -534,7 +534,10 @@ def ci95(values: np.ndarray) -> float | None:
     return float(Z95 * values.std(ddof=1) / np.sqrt(len(values)))
 
 
-def _split(prepared: PreparedCategory, episode: Episode) -> tuple[list, list[int], list, list[int]]:
+def episode_features(
+    prepared: PreparedCategory, episode: Episode
+) -> tuple[list[ImageFeatures], list[int], list[ImageFeatures], list[int]]:
+    """An episode's support features and ways, then its query features and true ways."""
     support = [prepared.features[i] for i, _ in episode.support]
     queries = [prepared.features[i] for i, _ in episode.queries]
     return support, [w for _, w in episode.support], queries, [w for _, w in episode.queries]
@@ -552,7 +555,7 @@ def run_method(
     accuracies = np.zeros(len(episodes.episodes))
     confusion = np.zeros((ways, ways), dtype=np.int64)
     for e, episode in enumerate(episodes.episodes):
-        support, labels, queries, truth = _split(prepared, episode)
+        support, labels, queries, truth = episode_features(prepared, episode)
         method = make_method(name, **(params or {})).fit(support, labels)
         predicted = method.predict(queries).labels.numpy()
         truth_array = np.asarray(truth)
@@ -597,7 +600,7 @@ def white_ablation(
     white_share, accuracy = [], []
     confusion = np.zeros((ways, ways + 1), dtype=np.int64)
     for episode in episodes.episodes:
-        support, labels, queries, truth = _split(prepared, episode)
+        support, labels, queries, truth = episode_features(prepared, episode)
         fitted = make_method(method).fit([*support, prepared.white], [*labels, ways])
         predicted = fitted.predict(queries).labels.numpy()
         white_share.append(float((predicted == ways).mean()))
