@@ -103,6 +103,12 @@ def _lazy_greedy(
     on_step: Callable[[int], None] | None,
 ) -> torch.Tensor:
     """The greedy k-center loop of :func:`greedy_coreset` on projected points."""
+    # NOTE: on real banks the lazy search is not lazier than the plain one: on 78,400
+    # magnetic_tile patches the stale leaders were refreshed against 2,151 centers on average,
+    # 1.5x the plain algorithm's distance evaluations. It is faster only because they are small
+    # matrix products instead of passes over the bank, so a 668k-patch bank still takes about
+    # 14 min on one core. Pruning by the triangle inequality was tried and was 20x slower in
+    # 128 dimensions, where distances to the centers hardly differ.
     n = points.shape[0]
     generator = torch.Generator().manual_seed(seed)
     new = int(torch.randint(n, (1,), generator=generator))
