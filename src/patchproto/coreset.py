@@ -107,7 +107,7 @@ def _lazy_greedy(
     # magnetic_tile patches the stale leaders were refreshed against 2,151 centers on average,
     # 1.5x the plain algorithm's distance evaluations. It is faster only because they are small
     # matrix products instead of passes over the bank, so a 668k-patch bank still takes about
-    # 14 min on one core. Pruning by the triangle inequality was tried and was 20x slower in
+    # 13 min on one core. Pruning by the triangle inequality was tried and was 20x slower in
     # 128 dimensions, where distances to the centers hardly differ.
     n = points.shape[0]
     generator = torch.Generator().manual_seed(seed)
