@@ -20,6 +20,10 @@ Fixtures:
     data_root: The real data root (``$PATCHPROTO_DATA`` or ``../shared/data``); skips the test
         when it is absent.
     hermetic_cache: Points ``$PATCHPROTO_CACHE`` at an empty tmp folder for the test.
+    real_slice: ``real_slice(category, picks)`` links the first ``count`` images of each real
+        folder in ``picks`` (``{"train/good": 40, ...}``) and the category's ``ground_truth``
+        into a tmp copy of the category and returns it; skips the test when the category is
+        absent.
 
 Sizes are tiny (64 x 48 images, embedded at 64 px) so that the tests stay fast on a CPU. For the
 same reason torch and faiss run on one thread during tests: on tensors this small, a second thread
@@ -185,3 +189,22 @@ def hermetic_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "cache"
     monkeypatch.setenv("PATCHPROTO_CACHE", str(folder))
     return folder
+
+
+@pytest.fixture
+def real_slice(tmp_path: Path, data_root: Path) -> Callable[[str, dict[str, int]], Path]:
+    """Make a small copy of a real category out of links (see the module docstring)."""
+
+    def make(category: str, picks: dict[str, int]) -> Path:
+        source = data_root / category
+        if not source.is_dir():
+            pytest.skip(f"{source} not found; set PATCHPROTO_DATA to the data root")
+        subset = tmp_path / "slice" / category
+        for folder, count in picks.items():
+            (subset / folder).mkdir(parents=True)
+            for image in sorted((source / folder).iterdir())[:count]:
+                (subset / folder / image.name).symlink_to(image)
+        (subset / "ground_truth").symlink_to(source / "ground_truth")
+        return subset
+
+    return make

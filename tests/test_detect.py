@@ -272,18 +272,10 @@ def test_missing_root_and_missing_weights_are_clean(tmp_path, mvtec_root, cli, m
 
 
 @pytest.mark.data
-def test_magnetic_tile_subset(tmp_path: Path, data_root: Path) -> None:
+def test_magnetic_tile_subset(tmp_path: Path, real_slice) -> None:
     """PatchCore with efficientnet_lite2 separates a small slice of magnetic_tile."""
-    source = data_root / "magnetic_tile"
-    if not source.is_dir():
-        pytest.skip(f"{source} not found; set PATCHPROTO_DATA to the data root")
-    subset = tmp_path / "magnetic_tile"
     picks = {"train/good": 40, "test/good": 10, "test/blowhole": 10, "test/fray": 10}
-    for folder, count in picks.items():
-        (subset / folder).mkdir(parents=True)
-        for image in sorted((source / folder).iterdir())[:count]:
-            (subset / folder / image.name).symlink_to(image)
-    (subset / "ground_truth").symlink_to(source / "ground_truth")
+    subset = real_slice("magnetic_tile", picks)
     cache = Path(os.environ["PATCHPROTO_CACHE"]) if "PATCHPROTO_CACHE" in os.environ else None
 
     report = run_detection(subset, tmp_path / "out", "efficientnet_lite2", cache_dir=cache)

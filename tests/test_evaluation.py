@@ -287,22 +287,14 @@ def test_position_normalisation_standardises_scores_by_held_back_normal_images(
 
 @pytest.mark.data
 @pytest.mark.slow
-def test_real_tire_slice_left_out_type_and_paired_comparison(tmp_path, data_root):
+def test_real_tire_slice_every_method_and_a_left_out_type(tmp_path, real_slice):
     """Every method on a slice of mvtec3d_tire: ``combined`` (5 images) drops out at K = 5."""
-    source = data_root / "mvtec3d_tire"
-    if not source.is_dir():
-        pytest.skip(f"{source} not found; set PATCHPROTO_DATA to the data root")
-    subset = tmp_path / "mvtec3d_tire"
     picks = {"train/good": 30, "test/good": 6}
     picks.update({f"test/{kind}": 12 for kind in ("contamination", "cut", "hole")})
     picks["test/combined"] = 5
-    for folder, count in picks.items():
-        (subset / folder).mkdir(parents=True)
-        for image in sorted((source / folder).iterdir())[:count]:
-            (subset / folder / image.name).symlink_to(image)
-    (subset / "ground_truth").symlink_to(source / "ground_truth")
+    subset = real_slice("mvtec3d_tire", picks)
     config = EvaluationConfig(
-        data_root=tmp_path,
+        data_root=subset.parent,
         backbone="efficientnet_lite2",
         methods=list(METHODS),
         shots=[1, 5],
